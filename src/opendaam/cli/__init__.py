@@ -1,0 +1,38 @@
+"""The ``opendaam`` command: one module per subcommand, each with ``add_parser`` and ``run``."""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+__all__ = ["main"]
+
+SUBCOMMANDS = ["demo", "generate", "toyworld"]
+"""Subcommand modules of :mod:`opendaam.cli`, in the order ``--help`` lists them."""
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the ``opendaam`` command line.
+
+    Example:
+        >>> main(["--version"])  # doctest: +SKIP
+    """
+    from opendaam import __version__
+
+    parser = argparse.ArgumentParser(prog="opendaam", description=__doc__)
+    parser.add_argument("--version", action="version", version=f"opendaam {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True)
+    for name in SUBCOMMANDS:
+        module = importlib.import_module(f"opendaam.cli.{name}")
+        module.add_parser(sub)
+    args = parser.parse_args(argv)
+    try:
+        return int(args.run(args) or 0)
+    except (ValueError, FileNotFoundError, KeyError) as error:
+        print(f"opendaam {args.command}: error: {error}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,293 @@
+"""Loading diffusers pipelines, building offline ones from configs, finding cross-attention layers.
+
+First layer of opendaam: nothing here imports another opendaam module.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+__all__ = [
+    "ARCHITECTURES",
+    "BUNDLED_MODELS",
+    "SCHEDULERS",
+    "Architecture",
+    "build_pipeline",
+    "clip_tokenizer",
+    "cross_attention_layers",
+    "load_pipeline",
+    "make_scheduler",
+    "set_threads",
+]
+
+ASSETS = Path(__file__).resolve().parent / "assets"
+TOKENIZER_DIR = ASSETS / "clip_tokenizer"
+BUNDLED_MODELS = {"toy-urban": ASSETS / "toy-urban"}
+"""Short names of the models that ship inside the package, and their folders."""
+
+
+def set_threads(n: int | None) -> None:
+    """Set torch's intra-op thread count (two threads beside another job ran ~10x slower than one).
+
+    Example:
+        >>> set_threads(1); torch.get_num_threads()
+        1
+    """
+    if n is not None:
+        torch.set_num_threads(int(n))
+
+
+def clip_tokenizer(pad_token: str = "<|endoftext|>"):
+    """Stable Diffusion's CLIP tokenizer, built offline from the files shipped with opendaam.
+
+    Args:
+        pad_token: ``"<|endoftext|>"`` as in Stable Diffusion 1.x, ``"!"`` as in 2.x.
+
+    Example:
+        >>> tok = clip_tokenizer()
+        >>> tok("a photo of a cat").input_ids
+        [49406, 320, 1125, 539, 320, 2368, 49407]
+    """
+    from transformers import CLIPTokenizer
+
+    return CLIPTokenizer(
+        str(TOKENIZER_DIR / "vocab.json"),
+        str(TOKENIZER_DIR / "merges.txt"),
+        pad_token=pad_token,
+        model_max_length=77,
+    )
+
+
+SCHEDULERS = {
+    "pndm": "PNDMScheduler",
+    "ddim": "DDIMScheduler",
+    "ddpm": "DDPMScheduler",
+    "euler": "EulerDiscreteScheduler",
+    "euler_a": "EulerAncestralDiscreteScheduler",
+    "dpm++": "DPMSolverMultistepScheduler",
+    "lms": "LMSDiscreteScheduler",
+    "unipc": "UniPCMultistepScheduler",
+}
+"""Short scheduler names accepted by :func:`load_pipeline` and the CLI."""
+
+
+def make_scheduler(name: str, config):
+    """A diffusers scheduler of the short ``name`` built from another scheduler's ``config``.
+
+    Example:
+        >>> from diffusers import PNDMScheduler
+        >>> type(make_scheduler("ddim", PNDMScheduler().config)).__name__
+        'DDIMScheduler'
+    """
+    import diffusers
+
+    key = name.lower()
+    if key not in SCHEDULERS:
+        raise ValueError(f"unknown scheduler {name!r}; choose one of: {', '.join(SCHEDULERS)}")
+    return getattr(diffusers, SCHEDULERS[key]).from_config(config)
+
+
+@dataclass(frozen=True)
+class Architecture:
+    """Sizes of a Stable-Diffusion-shaped pipeline built with random weights."""
+
+    unet: dict  # UNet2DConditionModel config: the layers whose attention opendaam reads
+    vae: dict  # AutoencoderKL config: fixes the latent-to-image scale factor
+    text: dict  # CLIPTextConfig: fixes the text width the keys are computed from
+    pad_token: str = "<|endoftext|>"  # SD 1.x pads with the end token, SD 2.x with "!"
+    scheduler: str = "pndm"  # Stable Diffusion's default scheduler
+
+
+_SD_SCHEDULER = dict(
+    beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", num_train_timesteps=1000,
+    skip_prk_steps=True, set_alpha_to_one=False, steps_offset=1,
+)
+_SD_VAE = dict(
+    in_channels=3, out_channels=3, latent_channels=4, layers_per_block=2, norm_num_groups=32,
+    block_out_channels=(128, 256, 512, 512), down_block_types=("DownEncoderBlock2D",) * 4,
+    up_block_types=("UpDecoderBlock2D",) * 4, sample_size=512, scaling_factor=0.18215,
+)
+_SD_UNET = dict(
+    sample_size=64, in_channels=4, out_channels=4, layers_per_block=2,
+    block_out_channels=(320, 640, 1280, 1280),
+    down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
+    up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3,
+)
+
+ARCHITECTURES: dict[str, Architecture] = {
+    # Test-sized: diffusers' own tests use UNets this small; cross-attention at both levels.
+    "tiny": Architecture(
+        unet=dict(
+            sample_size=8, in_channels=4, out_channels=4, layers_per_block=1, block_out_channels=(4, 8),
+            down_block_types=("CrossAttnDownBlock2D",) * 2, up_block_types=("CrossAttnUpBlock2D",) * 2,
+            norm_num_groups=2, cross_attention_dim=32, attention_head_dim=2,
+        ),
+        vae=dict(
+            in_channels=3, out_channels=3, latent_channels=4, layers_per_block=1, norm_num_groups=2,
+            block_out_channels=(4, 8), down_block_types=("DownEncoderBlock2D",) * 2,
+            up_block_types=("UpDecoderBlock2D",) * 2, sample_size=16,
+        ),
+        text=dict(hidden_size=32, intermediate_size=37, num_hidden_layers=2, num_attention_heads=4,
+                  max_position_embeddings=77, vocab_size=49408, bos_token_id=49406, eos_token_id=49407),
+        scheduler="ddim",
+    ),
+    # The exact Stable Diffusion 2-base architecture (OpenCLIP ViT-H text encoder, linear projections).
+    "sd2-base": Architecture(
+        unet=dict(_SD_UNET, attention_head_dim=(5, 10, 20, 20), cross_attention_dim=1024,
+                  use_linear_projection=True),
+        vae=_SD_VAE,
+        text=dict(hidden_size=1024, intermediate_size=4096, num_hidden_layers=23, num_attention_heads=16,
+                  max_position_embeddings=77, vocab_size=49408, hidden_act="gelu", projection_dim=512),
+        pad_token="!",
+    ),
+    # Stable Diffusion 1.x (CLIP ViT-L/14 text encoder).
+    "sd15": Architecture(
+        unet=dict(_SD_UNET, attention_head_dim=8, cross_attention_dim=768),
+        vae=_SD_VAE,
+        text=dict(hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12,
+                  max_position_embeddings=77, vocab_size=49408, hidden_act="quick_gelu", projection_dim=768),
+    ),
+}
+"""Offline architectures for :func:`build_pipeline`: ``tiny`` for tests, exact SD shapes for benchmarks."""
+
+
+def build_pipeline(
+    architecture: str | Architecture = "tiny",
+    *,
+    seed: int = 0,
+    img2img: bool = False,
+    dtype: torch.dtype = torch.float32,
+):
+    """A Stable Diffusion pipeline with random weights, built from configs without any download.
+
+    Args:
+        architecture: a key of :data:`ARCHITECTURES` or an :class:`Architecture`.
+        seed: seeds the random weights, so two builds are identical.
+        img2img: build ``StableDiffusionImg2ImgPipeline`` instead of the text-to-image one.
+        dtype: weights' dtype.
+
+    Example:
+        >>> pipe = build_pipeline("tiny")
+        >>> type(pipe).__name__, pipe.unet.config.block_out_channels
+        ('StableDiffusionPipeline', [4, 8])
+    """
+    from diffusers import AutoencoderKL, PNDMScheduler, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    if isinstance(architecture, str):
+        if architecture not in ARCHITECTURES:
+            raise ValueError(f"unknown architecture {architecture!r}; choose one of: {', '.join(ARCHITECTURES)}")
+        architecture = ARCHITECTURES[architecture]
+    torch.manual_seed(seed)
+    unet = UNet2DConditionModel(**architecture.unet)
+    vae = AutoencoderKL(**architecture.vae)
+    text_encoder = CLIPTextModel(CLIPTextConfig(**architecture.text))
+    sd_config = {**PNDMScheduler(**_SD_SCHEDULER).config, "clip_sample": False}
+    scheduler = make_scheduler(architecture.scheduler, sd_config)
+    parts = dict(
+        unet=unet, vae=vae, text_encoder=text_encoder, tokenizer=clip_tokenizer(architecture.pad_token),
+        scheduler=scheduler,
+    )
+    pipe = _stable_diffusion_class(img2img)(
+        **parts, safety_checker=None, feature_extractor=None, requires_safety_checker=False
+    )
+    return pipe if dtype == torch.float32 else pipe.to(dtype=dtype)
+
+
+def _stable_diffusion_class(img2img: bool):
+    """The diffusers Stable Diffusion pipeline class for text-to-image or image-to-image."""
+    from diffusers import StableDiffusionImg2ImgPipeline, StableDiffusionPipeline
+
+    return StableDiffusionImg2ImgPipeline if img2img else StableDiffusionPipeline
+
+
+def load_pipeline(
+    name_or_path: str | Path = "toy-urban",
+    *,
+    img2img: bool = False,
+    scheduler: str | None = None,
+    dtype: torch.dtype | None = None,
+    revision: str | None = None,
+    device: str | torch.device | None = None,
+    **kwargs,
+):
+    """Load a diffusers pipeline through ``from_pretrained``: a hub id, a local folder or a bundled name.
+
+    Args:
+        name_or_path: a Hugging Face hub id (``"stabilityai/stable-diffusion-2-base"``), a folder
+            written by ``save_pretrained``, or the short name of a bundled model (``"toy-urban"``).
+        img2img: return the image-to-image variant of the same pipeline (shares the weights).
+        scheduler: a short name from :data:`SCHEDULERS` to replace the pipeline's scheduler.
+        dtype: ``torch_dtype`` passed to ``from_pretrained``.
+        revision: hub revision (branch, tag or commit).
+        device: where to move the pipeline.
+        **kwargs: passed on to ``from_pretrained``.
+
+    Example:
+        >>> import tempfile
+        >>> folder = tempfile.mkdtemp()
+        >>> build_pipeline("tiny").save_pretrained(folder)
+        >>> type(load_pipeline(folder, scheduler="euler").scheduler).__name__
+        'EulerDiscreteScheduler'
+    """
+    from diffusers import AutoPipelineForImage2Image, DiffusionPipeline
+
+    source = str(name_or_path)
+    if source in BUNDLED_MODELS:
+        folder = BUNDLED_MODELS[source]
+        if not (folder / "model_index.json").exists():
+            raise FileNotFoundError(
+                f"the bundled model {source!r} is not installed at {folder}; reinstall opendaam from a "
+                "clone that has the folder src/opendaam/assets/toy-urban"
+            )
+        source = str(folder)
+    if Path(source).exists() and not (Path(source) / "model_index.json").exists():
+        raise FileNotFoundError(
+            f"{source} is not a diffusers pipeline folder (no model_index.json); write one with "
+            "pipe.save_pretrained(folder)"
+        )
+    options = dict(kwargs)
+    if dtype is not None:
+        options["torch_dtype"] = dtype
+    if revision is not None:
+        options["revision"] = revision
+    pipe = DiffusionPipeline.from_pretrained(source, **options)
+    if getattr(pipe, "safety_checker", None) is not None:
+        pipe.safety_checker = None  # attribution maps need the raw image
+    if img2img:
+        pipe = AutoPipelineForImage2Image.from_pipe(pipe)
+    if scheduler is not None:
+        pipe.scheduler = make_scheduler(scheduler, pipe.scheduler.config)
+    if device is not None:
+        pipe = pipe.to(device)
+    return pipe
+
+
+def cross_attention_layers(unet: nn.Module) -> dict[str, nn.Module]:
+    """The cross-attention modules of a denoiser, keyed by their ``attn_processors`` name.
+
+    Raises:
+        ValueError: the model has no cross-attention layer to read.
+
+    Example:
+        >>> unet = build_pipeline("tiny").unet
+        >>> list(cross_attention_layers(unet))[0]
+        'down_blocks.0.attentions.0.transformer_blocks.0.attn2.processor'
+    """
+    processors = unet.attn_processors
+    found = {}
+    for name, module in unet.named_modules():
+        key = f"{name}.processor"
+        if key in processors and getattr(module, "is_cross_attention", False):
+            found[key] = module
+    if not found:
+        raise ValueError(
+            f"{type(unet).__name__} has no cross-attention layer (no attention module with "
+            "is_cross_attention=True); opendaam needs a text-conditioned denoiser such as "
+            "UNet2DConditionModel"
+        )
+    return found
