@@ -1,6 +1,21 @@
 """opendaam: word-to-pixel attribution maps from the cross-attention of diffusion models."""
 
+from opendaam.cache import load_record
+from opendaam.heatmaps import METHODS, Heatmaps, heatmaps
 from opendaam.models import build_pipeline, clip_tokenizer, load_pipeline, set_threads
+from opendaam.tracing import Record, TraceConfig, trace
 
-__all__ = ["build_pipeline", "clip_tokenizer", "load_pipeline", "set_threads"]
+__all__ = [
+    "METHODS",
+    "Heatmaps",
+    "Record",
+    "TraceConfig",
+    "build_pipeline",
+    "clip_tokenizer",
+    "heatmaps",
+    "load_pipeline",
+    "load_record",
+    "set_threads",
+    "trace",
+]
 __version__ = "0.1.0"

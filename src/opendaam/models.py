@@ -278,7 +278,7 @@ def cross_attention_layers(unet: nn.Module) -> dict[str, nn.Module]:
         >>> list(cross_attention_layers(unet))[0]
         'down_blocks.0.attentions.0.transformer_blocks.0.attn2.processor'
     """
-    processors = unet.attn_processors
+    processors = getattr(unet, "attn_processors", None) or {}
     found = {}
     for name, module in unet.named_modules():
         key = f"{name}.processor"

@@ -1,0 +1,165 @@
+"""Reading the cache a trace recorded: loading records, choosing layers, steps and heads, query tensors.
+
+Third layer of opendaam: imports :mod:`opendaam.tracing` (the :class:`~opendaam.tracing.Record` type)
+and nothing later.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+from opendaam.tracing import LayerInfo, Record
+
+__all__ = [
+    "load_record",
+    "query_cache_bytes",
+    "queries",
+    "select_heads",
+    "select_layers",
+    "select_steps",
+]
+
+
+def load_record(path: str | Path) -> Record:
+    """Load a record written by :meth:`Record.save <opendaam.tracing.Record.save>`.
+
+    Example:
+        >>> import os, tempfile
+        >>> path = Record(meta={"prompt": "a car"}).save(os.path.join(tempfile.mkdtemp(), "r.safetensors"))
+        >>> load_record(path).meta["prompt"]
+        'a car'
+    """
+    return Record.load(path)
+
+
+def select_layers(record: Record, layers: str | Sequence[str] | None = None) -> list[str]:
+    """Names of the recorded layers that equal or start with one of ``layers`` (all when None).
+
+    A prefix picks a block: ``"up_blocks.1"``, ``"mid_block"``, ``"down_blocks.0.attentions.1"``.
+
+    Raises:
+        ValueError: a selector matches no recorded layer; the message lists the valid names.
+
+    Example:
+        >>> from opendaam.tracing import LayerInfo
+        >>> r = Record(layers={n: LayerInfo(n, 1, 1, 1.0, 1, 1) for n in ["down.a", "up.b"]})
+        >>> select_layers(r, "up")
+        ['up.b']
+    """
+    names = list(record.layers)
+    if layers is None:
+        return names
+    if isinstance(layers, str):
+        layers = [layers]
+    chosen: set[str] = set()
+    for sel in layers:
+        matched = [n for n in names if n == sel or n.startswith(sel)]
+        if not matched:
+            raise ValueError(f"unknown layer {sel!r}; the record has these layers: {', '.join(names)}")
+        chosen.update(matched)
+    return [n for n in names if n in chosen]
+
+
+def select_steps(record: Record, steps: int | Sequence[int] | None) -> list[int] | None:
+    """Positions (into the recorded steps) of the U-Net call indices ``steps``; None keeps them all.
+
+    Raises:
+        ValueError: a step was not recorded; the message lists the recorded ones.
+
+    Example:
+        >>> select_steps(Record(meta={"steps": [0, 2, 4]}), [2, 4])
+        [1, 2]
+    """
+    if steps is None:
+        return None
+    if isinstance(steps, int):
+        steps = [steps]
+    recorded = record.steps
+    missing = [s for s in steps if s not in recorded]
+    if missing:
+        raise ValueError(f"steps {missing} were not recorded; recorded U-Net calls: {recorded}")
+    return [recorded.index(s) for s in steps]
+
+
+def select_heads(info: LayerInfo, heads: int | Sequence[int] | None) -> list[int] | None:
+    """Head indices to keep in a layer, checked against its head count; None keeps all.
+
+    Example:
+        >>> select_heads(LayerInfo("x", 4, 8, 0.35, 2, 2), [0, 3])
+        [0, 3]
+    """
+    if heads is None:
+        return None
+    if isinstance(heads, int):
+        heads = [heads]
+    bad = [h for h in heads if not 0 <= h < info.heads]
+    if bad:
+        raise ValueError(f"heads {bad} do not exist in layer {info.name}, which has {info.heads} heads")
+    return list(heads)
+
+
+def queries(record: Record, layer: str, positions: list[int] | None = None,
+            dtype: torch.dtype = torch.float32) -> Tensor:
+    """Cached queries of one layer as ``(steps, N, heads, head_dim)``, dequantized to ``dtype``.
+
+    Raises:
+        ValueError: the record has no query cache (trace with ``queries=True``).
+    """
+    if layer not in record.queries:
+        raise ValueError(
+            "this record has no query cache for open-vocabulary or per-step maps; trace with "
+            "opendaam.trace(pipe, queries=True)"
+        )
+    info = record.layers[layer]
+    stored = record.queries[layer]  # (S, N, inner)
+    if positions is not None:
+        stored = stored[positions]
+    q = stored.to(dtype).view(stored.shape[0], stored.shape[1], info.heads, info.head_dim)  # (S, N, H, d)
+    if layer in record.query_scales:
+        scales = record.query_scales[layer]
+        if positions is not None:
+            scales = scales[positions]
+        q = q * scales.to(dtype).unsqueeze(-1)  # (S, N, H, 1) broadcast over head_dim
+    return q
+
+
+def query_cache_bytes(unet_config, height: int, width: int, calls: int, bytes_per_value: float = 2.0,
+                      vae_scale_factor: int = 8) -> int:
+    """Bytes of a query cache for one image, computed from a U-Net config's shapes (no generation).
+
+    Each cross-attention layer at level ``i`` (latent halved ``i`` times) stores ``calls x N_i x C_i``
+    values, ``C_i`` being the block's channels.
+
+    Example:
+        >>> from opendaam.models import ARCHITECTURES
+        >>> cfg = ARCHITECTURES["sd2-base"].unet
+        >>> round(query_cache_bytes(cfg, 512, 512, calls=31) / 1e9, 3)
+        0.716
+    """
+    cfg = dict(unet_config)
+    channels = list(cfg["block_out_channels"])
+    per_block = cfg.get("layers_per_block", 2)
+    per_block = per_block if isinstance(per_block, int) else per_block[0]
+    tpb = cfg.get("transformer_layers_per_block", 1)
+    tpb = tpb if isinstance(tpb, int) else tpb[0]
+    h, w = height // vae_scale_factor, width // vae_scale_factor
+    total = 0
+    sizes = []
+    for _ in channels:
+        sizes.append(h * w)
+        h, w = -(-h // 2), -(-w // 2)
+    for i, kind in enumerate(cfg["down_block_types"]):
+        if "CrossAttn" in kind:
+            total += per_block * tpb * sizes[i] * channels[i]
+    for i, kind in enumerate(cfg["up_block_types"]):
+        level = len(channels) - 1 - i
+        if "CrossAttn" in kind:
+            total += (per_block + 1) * tpb * sizes[level] * channels[level]
+    mid = cfg.get("mid_block_type", "UNetMidBlock2DCrossAttn")
+    if mid and "CrossAttn" in mid:
+        total += tpb * sizes[-1] * channels[-1]
+    return int(total * calls * bytes_per_value)
