@@ -19,6 +19,7 @@ __all__ = [
     "build_pipeline",
     "clip_tokenizer",
     "cross_attention_layers",
+    "generation_defaults",
     "load_pipeline",
     "make_scheduler",
     "set_threads",
@@ -172,7 +173,7 @@ def build_pipeline(
 
     Example:
         >>> pipe = build_pipeline("tiny")
-        >>> type(pipe).__name__, pipe.unet.config.block_out_channels
+        >>> type(pipe).__name__, list(pipe.unet.config.block_out_channels)
         ('StableDiffusionPipeline', [4, 8])
     """
     from diffusers import AutoencoderKL, PNDMScheduler, UNet2DConditionModel
@@ -291,3 +292,24 @@ def cross_attention_layers(unet: nn.Module) -> dict[str, nn.Module]:
             "UNet2DConditionModel"
         )
     return found
+
+
+def generation_defaults(pipe) -> dict:
+    """Steps, guidance and size a pipeline generates with when not told otherwise.
+
+    A model folder may carry ``opendaam.json`` with its own (the bundled toy-urban does); otherwise
+    diffusers' Stable Diffusion defaults: 50 steps, guidance 7.5, the U-Net's sample size.
+
+    Example:
+        >>> generation_defaults(build_pipeline("tiny"))
+        {'num_inference_steps': 50, 'guidance_scale': 7.5, 'height': 16, 'width': 16}
+    """
+    import json
+
+    size = int(pipe.unet.config.sample_size) * int(getattr(pipe, "vae_scale_factor", 8))
+    defaults = {"num_inference_steps": 50, "guidance_scale": 7.5, "height": size, "width": size}
+    folder = getattr(pipe, "name_or_path", None) or pipe.config.get("_name_or_path")
+    if folder and (Path(folder) / "opendaam.json").exists():
+        own = json.loads((Path(folder) / "opendaam.json").read_text())
+        defaults.update({k: v for k, v in own.items() if k in defaults})
+    return defaults
