@@ -240,6 +240,7 @@ class _Item:
     word: str | None = None
     indices: list[int] | None = None
     embedding: Tensor | None = None  # (k, text_dim): k vectors pooled into one map
+    use: list[int] | None = None  # rows of ``embedding`` whose maps make this label (None: all of them)
 
 
 def _parse(query) -> list[_Item]:
@@ -263,10 +264,10 @@ def _parse(query) -> list[_Item]:
                 items.extend(_Item(label=f"embedding[{i + j}]", embedding=row[None]) for j, row in enumerate(q))
             else:
                 raise ValueError(f"an embedding must be (text_dim,) or (k, text_dim), got shape {tuple(q.shape)}")
-        elif hasattr(q, "embedding"):  # an optimized token
-            emb = q.embedding
-            items.append(_Item(label=getattr(q, "label", None) or f"token[{i}]",
-                               embedding=emb if emb.ndim == 2 else emb[None]))
+        elif hasattr(q, "embedding"):  # an optimized token: its first row is the object, others context
+            emb = q.embedding.detach()
+            emb = emb if emb.ndim == 2 else emb[None]
+            items.append(_Item(label=getattr(q, "label", None) or f"token[{i}]", embedding=emb, use=[0]))
         else:
             raise TypeError(f"cannot make a map for {type(q).__name__}; give words, token indices or tensors")
     return items
@@ -413,31 +414,38 @@ def _word_indices(record: Record, item: _Item) -> list[int]:
         raise KeyError(f"{error.args[0]} (prompt: {record.meta.get('prompt')!r})") from None
 
 
+def _cache_queries(record: Record) -> Callable[[str, list[int]], Tensor]:
+    """Reads ``(s, heads, N, head_dim)`` float32 queries of chosen steps from the record's cache."""
+    return lambda name, steps: queries(record, name, steps).permute(0, 2, 1, 3)
+
+
 def _softmax_maps(record: Record, req: _Request, modules: dict, states: Tensor, columns: list[int],
-                  domain: int | None) -> dict[str, Tensor]:
+                  domain: int | None, provider: Callable[[str, list[int]], Tensor] | None = None
+                  ) -> dict[str, Tensor]:
     """Per layer ``(J, N)``: softmax attention of cached queries over the keys of ``states`` (first ``domain``
-    rows when given), summed over the chosen steps and heads, for token ``columns``."""
+    rows when given), summed over the chosen steps and heads, for token ``columns``.
+
+    ``provider(layer, steps)`` gives ``(s, heads, N, head_dim)`` queries (default: the record's cache).
+    """
     states = states[:domain] if domain is not None else states
+    provider = provider or _cache_queries(record)
     out = {}
     for name in req.layers:
         info = record.layers[name]
+        if name not in record.queries:
+            queries(record, name)  # raises the explanatory error
         k = _keys(modules[name], states)  # (heads, T, head_dim)
         hs = select_heads(info, req.heads)
-        q_all = record.queries.get(name)
-        if q_all is None:
-            queries(record, name)  # raises the explanatory error
-        steps = req.positions if req.positions is not None else list(range(q_all.shape[0]))
+        if hs is not None:
+            k = k[hs]
+        steps = req.positions if req.positions is not None else list(range(record.queries[name].shape[0]))
         acc = None
         chunk = max(1, int(2**24 // max(1, info.pixels * info.heads * k.shape[1])))
         for start in range(0, len(steps), chunk):
-            q = queries(record, name, steps[start : start + chunk])  # (s, N, heads, head_dim)
-            q = q.permute(0, 2, 1, 3)  # (s, heads, N, head_dim)
+            q = provider(name, steps[start : start + chunk])  # (s, heads, N, head_dim)
             if hs is not None:
                 q = q[:, hs]
-                kk = k[hs]
-            else:
-                kk = k
-            probs = (torch.matmul(q, kk.transpose(-1, -2)) * info.scale).softmax(-1)  # (s, heads, N, T)
+            probs = (torch.matmul(q, k.transpose(-1, -2)) * info.scale).softmax(-1)  # (s, heads, N, T)
             part = probs[..., columns].sum((0, 1))  # (N, J)
             acc = part if acc is None else acc + part
         out[name] = acc.T  # (J, N)
@@ -450,11 +458,16 @@ def _open_vocab(record: Record, req: _Request) -> tuple[Tensor, list[list[int]]]
     embed_items = [it for it in items if it.embedding is not None]
     if embed_items and len(embed_items) != len(items):
         raise ValueError("open_vocab takes either words (with a context prompt) or embeddings, not both")
+    if len(items) > 1 and any(it.use is not None for it in items):
+        # each optimized token brings its own context tokens: one softmax per token set
+        parts = [_open_vocab(record, _replace_items(req, [it])) for it in items]
+        return torch.cat([p[0] for p in parts]), [g for p in parts for g in p[1]]
     if embed_items:
         states = torch.cat([it.embedding for it in embed_items]).float()  # (T', text_dim)
         groups, row = [], 0
         for it in embed_items:
-            groups.append(list(range(row, row + it.embedding.shape[0])))
+            rows = it.use if it.use is not None else range(it.embedding.shape[0])
+            groups.append([row + r for r in rows])
             row += it.embedding.shape[0]
         domain = None
     else:
@@ -469,6 +482,12 @@ def _open_vocab(record: Record, req: _Request) -> tuple[Tensor, list[list[int]]]
     columns, local = _unique_columns(groups)
     per_layer = _softmax_maps(record, req, modules, states, columns, domain)
     return _pool(_to_latent(per_layer, record), local, req.pooling), groups
+
+
+def _replace_items(req: _Request, items: list[_Item]) -> _Request:
+    """A copy of ``req`` asking for other items."""
+    return _Request(items=items, pipe=req.pipe, context=req.context, layers=req.layers, positions=req.positions,
+                    heads=req.heads, softmax_over=req.softmax_over, pooling=req.pooling)
 
 
 def _context_states(record: Record, req: _Request) -> tuple[Tensor, list[str]]:
@@ -506,7 +525,7 @@ def _linear(record: Record, req: _Request) -> tuple[Tensor, list[list[int]]]:
     vectors, groups = [], []
     for it in items:
         if it.embedding is not None:
-            vectors.append(it.embedding.float())
+            vectors.append(it.embedding[it.use].float() if it.use is not None else it.embedding.float())
             groups.append([])
         else:
             emb, idx = _word_embedding(record, req, it)

@@ -1,0 +1,454 @@
+"""Token optimization: find the text embedding whose map matches an object's masks (thesis section 3.3).
+
+``optimize_token(records, masks)`` runs gradient descent on one embedding x (``method="linear"``: the map is
+``M x``, so an epoch is one matrix-vector product per image) or on a multi-token X' = [object, background]
+(``method="open_vocab"``: softmax maps from the query cache), so that the min-max normalized maps match
+ground-truth masks over N images. The optimized token then maps the object on new images of the same model:
+``heatmaps(record, token, method="linear")``.
+
+Fifth layer of opendaam: imports models, tracing, cache and heatmaps only.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import tempfile
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+from functools import partial
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from opendaam.cache import queries
+from opendaam.heatmaps import _key_modules, _Request, _softmax_maps, _to_latent, encode_text, find_tokens
+from opendaam.tracing import Record, upsample
+
+__all__ = [
+    "LOSSES",
+    "OptimizeConfig",
+    "OptimizedToken",
+    "load_token",
+    "nearest_words",
+    "optimize_token",
+]
+
+
+@dataclass(frozen=True)
+class OptimizeConfig:
+    """How :func:`optimize_token` optimizes."""
+
+    method: str = "linear"  # linear maps make an epoch one mat-vec per image; "open_vocab" uses softmax maps
+    loss: str = "margin"  # the only loss here that recovers a realizable mask exactly; "ce" is the thesis' eq. 3.10
+    sharpness: float = 100.0  # margin loss: slope of the sigmoid around the threshold (10 stops at IoU ~0.88)
+    lr: float = 0.3  # Adam step; the loss is scale-invariant in x, so large steps are safe
+    epochs: int = 600  # upper bound; early stopping usually ends sooner
+    patience: int = 60  # stop after this many epochs without a better loss
+    min_delta: float = 1e-5  # smaller loss improvements do not reset the patience counter
+    size: str = "image"  # compare maps and masks at image size (exact masks); "latent" is cheaper
+    tau: float = 0.4  # threshold of the train mIoU reported to the callback
+    seed: int = 0  # seeds the background token's initialization (open_vocab)
+    progress: bool = True  # show a progress bar
+
+    def __post_init__(self):
+        if self.method not in ("linear", "open_vocab"):
+            raise ValueError(f"method must be 'linear' or 'open_vocab', not {self.method!r}")
+        if self.size not in ("image", "latent"):
+            raise ValueError(f"size must be 'image' or 'latent', not {self.size!r}")
+        if self.loss not in LOSSES:
+            raise ValueError(f"unknown loss {self.loss!r}; choose one of: {', '.join(LOSSES)}")
+
+
+def _minmax(maps: Tensor) -> Tensor:
+    """Per-map min-max scaling of ``(..., P)`` maps to [0, 1]."""
+    low = maps.amin(-1, keepdim=True)
+    high = maps.amax(-1, keepdim=True)
+    return (maps - low) / (high - low).clamp_min(1e-8)
+
+
+def _ce_loss(p: Tensor, g: Tensor) -> Tensor:
+    """Thesis eq. 3.10, ``-sum G log p``, averaged over the mask's pixels, on normalized maps ``p``."""
+    return -(g * torch.log(p + 1e-6)).sum(-1).div(g.sum(-1).clamp_min(1.0)).mean()
+
+
+def _bce_loss(p: Tensor, g: Tensor) -> Tensor:
+    """Binary cross-entropy of normalized maps against masks (both object and background pixels)."""
+    return -(g * torch.log(p + 1e-6) + (1 - g) * torch.log(1 - p + 1e-6)).mean()
+
+
+def _soft_iou_loss(p: Tensor, g: Tensor) -> Tensor:
+    """One minus the soft IoU ``sum(p g) / sum(p + g - p g)``."""
+    inter = (p * g).sum(-1)
+    union = (p + g - p * g).sum(-1)
+    return (1 - inter / union.clamp_min(1e-8)).mean()
+
+
+def _margin_loss(p: Tensor, g: Tensor, tau: float = 0.5, sharpness: float = 100.0) -> Tensor:
+    """Logistic loss of the mask decision ``p >= tau``: BCE of ``sigmoid(sharpness * (p - tau))``.
+
+    A map family that can reproduce the mask at threshold ``tau`` reaches it exactly (it is logistic
+    regression on the pixels), where plain BCE prefers step-like maps that may cross the threshold elsewhere.
+    """
+    return F.binary_cross_entropy_with_logits(sharpness * (p - tau), g)
+
+
+LOSSES: dict[str, Callable[[Tensor, Tensor], Tensor]] = {
+    "ce": _ce_loss,
+    "bce": _bce_loss,
+    "soft_iou": _soft_iou_loss,
+    "margin": _margin_loss,
+}
+"""Losses between normalized maps and masks, both ``(images, pixels)``."""
+
+
+@dataclass
+class OptimizedToken:
+    """An optimized embedding: row 0 maps the object; further rows (open_vocab) are context tokens.
+
+    Attributes:
+        embedding: ``(tokens, text_dim)``; ``tokens`` is 1 for linear, 2 (object, background) for open_vocab.
+        label: the class name, used as the map's label.
+        meta: provenance: model, revision, text width, method, init word, loss, epochs, training images.
+        history: per-epoch loss and train mIoU.
+    """
+
+    embedding: Tensor
+    label: str = "token"
+    meta: dict = field(default_factory=dict)
+    history: list[dict] = field(default_factory=list)
+
+    def save(self, path: str | Path) -> Path:
+        """Write the token as safetensors (metadata as JSON inside), atomically."""
+        from safetensors.torch import save_file
+
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        header = {"label": self.label, "meta": self.meta, "history": self.history}
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+        os.close(fd)
+        try:
+            save_file({"embedding": self.embedding.detach().float().contiguous()}, tmp,
+                      metadata={"opendaam_token": json.dumps(header)})
+            os.replace(tmp, path)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
+        return path
+
+
+def load_token(path: str | Path, pipe=None, record: Record | None = None) -> OptimizedToken:
+    """Load a token saved by :meth:`OptimizedToken.save`, checking it fits ``pipe`` and/or ``record``.
+
+    Raises:
+        ValueError: the token was made for another model (text width or model id differ); says which.
+
+    Example:
+        >>> import os, tempfile
+        >>> tok = OptimizedToken(torch.zeros(1, 4), "car", {"text_dim": 4, "model": "m"})
+        >>> load_token(tok.save(os.path.join(tempfile.mkdtemp(), "car.safetensors"))).label
+        'car'
+    """
+    from safetensors import safe_open
+
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"no token file at {path}")
+    with safe_open(str(path), framework="pt") as handle:
+        metadata = handle.metadata() or {}
+        if "opendaam_token" not in metadata:
+            raise ValueError(f"{path} is not an opendaam token file")
+        header = json.loads(metadata["opendaam_token"])
+        embedding = handle.get_tensor("embedding").clone()
+    token = OptimizedToken(embedding, header["label"], header["meta"], header.get("history", []))
+    problems = []
+    dim = token.meta.get("text_dim")
+    if pipe is not None:
+        width = int(pipe.unet.config.cross_attention_dim)
+        if dim is not None and dim != width:
+            problems.append(f"text width {dim} (token) vs {width} (pipeline)")
+        name = getattr(pipe, "name_or_path", None)
+        if token.meta.get("model") and name and _model_key(token.meta["model"]) != _model_key(name):
+            problems.append(f"model {token.meta['model']!r} (token) vs {name!r} (pipeline)")
+    if record is not None:
+        if dim is not None and record.meta.get("text_dim") not in (None, dim):
+            problems.append(f"text width {dim} (token) vs {record.meta['text_dim']} (record)")
+        if token.meta.get("model") and record.meta.get("model") and \
+                _model_key(token.meta["model"]) != _model_key(record.meta["model"]):
+            problems.append(f"model {token.meta['model']!r} (token) vs {record.meta['model']!r} (record)")
+    if problems:
+        raise ValueError(f"token {path.name} was optimized for another model: " + "; ".join(problems))
+    return token
+
+
+def _model_key(name: str) -> str:
+    """A model id comparable across machines: the folder's last part or the hub id."""
+    return Path(str(name).rstrip("/")).name
+
+
+def _mask_tensor(mask, record: Record, index: int, size: str = "latent") -> Tensor:
+    """A flat float target at ``size`` (image: nearest-upsampled; latent: area-averaged) from a mask at
+    image or latent size."""
+    m = torch.as_tensor(np.asarray(mask)).float()
+    if m.ndim == 3:
+        m = m[..., 0] if m.shape[-1] in (1, 3, 4) else m[0]
+    if m.max() > 1:
+        m = m / 255.0
+    if tuple(m.shape) not in (tuple(record.image_size), tuple(record.latent_size)):
+        raise ValueError(
+            f"mask {index} is {tuple(m.shape)} but record {index} is {tuple(record.image_size)} (image) / "
+            f"{tuple(record.latent_size)} (latent): resize the mask to one of them"
+        )
+    if m.sum() == 0:
+        raise ValueError(f"mask {index} is empty: the object must cover at least one pixel")
+    if size == "latent" and tuple(m.shape) != tuple(record.latent_size):
+        m = F.adaptive_avg_pool2d(m[None, None], record.latent_size)[0, 0]  # (h, w) area fractions
+    if size == "image" and tuple(m.shape) != tuple(record.image_size):
+        m = F.interpolate(m[None, None], size=record.image_size, mode="nearest")[0, 0]  # (H, W)
+    return m.flatten()
+
+
+def _check_same_model(records: Sequence[Record]) -> None:
+    """Raise if the records come from different models."""
+    first = records[0]
+    for i, r in enumerate(records[1:], start=1):
+        same = (r.meta.get("model") == first.meta.get("model") and r.meta.get("text_dim") == first.meta.get(
+            "text_dim") and list(r.layers) == list(first.layers))
+        if not same:
+            raise ValueError(
+                f"records 0 and {i} come from different models ({first.meta.get('model')!r} vs "
+                f"{r.meta.get('model')!r}); optimize over records of one model"
+            )
+
+
+def _init_embedding(init, records: Sequence[Record], pipe) -> Tensor:
+    """The starting embedding ``(text_dim,)`` from a tensor, a word in the records' prompts, or a word."""
+    if isinstance(init, Tensor):
+        return init.detach().float().flatten().clone()
+    for r in records:
+        if r.tokens and r.context is not None:
+            try:
+                return r.context[find_tokens(r.tokens, init)].float().mean(0).clone()
+            except KeyError:
+                continue
+    if pipe is None:
+        raise ValueError(f"the init word {init!r} is in no record's prompt: pass pipe= to encode it")
+    states, tokens = encode_text(pipe, init)
+    return states[find_tokens(tokens, init)].mean(0).clone()
+
+
+def _iou(pred: Tensor, target: Tensor) -> Tensor:
+    """Mean IoU over images of boolean ``(images, pixels)`` predictions (for progress reports)."""
+    inter = (pred & target).sum(-1).float()
+    union = (pred | target).sum(-1).float().clamp_min(1)
+    return (inter / union).mean()
+
+
+class _LinearObjective:
+    """Maps of one embedding on N images: ``M_j x + c_j`` stacked into one batched product."""
+
+    def __init__(self, records: Sequence[Record]):
+        missing = [i for i, r in enumerate(records) if r.linear_map is None]
+        if missing:
+            raise ValueError(f"records {missing} have no linear map M: trace with linear=True")
+        self.m = torch.stack([r.linear_map.float() for r in records])  # (N, P, D)
+        biases = [r.linear_bias if r.linear_bias is not None else torch.zeros(r.linear_map.shape[0])
+                  for r in records]
+        self.bias = torch.stack(biases).float()  # (N, P)
+
+    def __call__(self, x: Tensor) -> Tensor:
+        return torch.matmul(self.m, x[0]) + self.bias  # (N, P): one map per image for the object row
+
+
+class _OpenVocabObjective:
+    """Softmax maps of X' = [object, background] on N images from their query caches (dequantized once)."""
+
+    def __init__(self, records: Sequence[Record], pipe):
+        if pipe is None:
+            raise ValueError("open_vocab optimization needs the pipeline's attention keys: pass pipe=...")
+        self.records = records
+        self.modules = _key_modules(pipe, records[0], list(records[0].layers))
+        self.cache = []
+        for r in records:
+            if not r.queries:
+                raise ValueError("open_vocab optimization needs records traced with queries=True")
+            self.cache.append({n: queries(r, n).permute(0, 2, 1, 3).contiguous() for n in r.layers})
+
+    def __call__(self, x: Tensor) -> Tensor:
+        maps = []
+        for r, cache in zip(self.records, self.cache, strict=True):
+            req = _Request(items=[], pipe=None, context=None, layers=list(r.layers), positions=None, heads=None,
+                           softmax_over="padded", pooling="mean")
+            per_layer = _softmax_maps(r, req, self.modules, x, [0, 1], None,
+                                      provider=lambda name, steps, c=cache: c[name][steps])
+            maps.append(_to_latent(per_layer, r).flatten(1))  # (2, P)
+        return torch.stack(maps)  # (N, 2, P)
+
+
+def optimize_token(
+    records: Sequence[Record],
+    masks: Sequence,
+    *,
+    pipe=None,
+    init: str | Tensor = "car",
+    label: str | None = None,
+    config: OptimizeConfig | None = None,
+    callback: Callable[[dict], None] | None = None,
+    image_ids: Sequence[str] | None = None,
+    **options,
+) -> OptimizedToken:
+    """Optimize a text embedding so that its normalized maps match ``masks`` on ``records``.
+
+    Args:
+        records: N records of one model (linear needs ``M``; open_vocab the query cache).
+        masks: N binary masks at the records' image or latent size (0/1, bool or 0/255).
+        pipe: the pipeline, needed for open_vocab and to encode an init word not in the prompts.
+        init: starting point: a word (its embedding in a record's prompt, else encoded alone) or a tensor.
+        label: the class name stored with the token (default: the init word).
+        config: :class:`OptimizeConfig`; keyword ``options`` override its fields (``lr=``, ``epochs=``...).
+        callback: called after every epoch with ``{"epoch", "loss", "train_miou"}``.
+        image_ids: names of the training images, stored in the token's metadata.
+
+    Returns:
+        The :class:`OptimizedToken` with the lowest loss seen (best-loss checkpoint).
+
+    Example:
+        >>> from opendaam.tracing import Record, upsample
+        >>> m = torch.zeros(4, 2); m[:2, 0] = 1.0; m[2:, 1] = 1.0   # pixels 0-1 follow x[0], 2-3 follow x[1]
+        >>> r = Record(meta={"latent_size": [2, 2], "image_size": [2, 2], "text_dim": 2}, linear_map=m)
+        >>> tok = optimize_token([r], [np.array([[1, 1], [0, 0]])], init=torch.zeros(2), progress=False)
+        >>> bool(tok.embedding[0, 0] > tok.embedding[0, 1]), tok.history[-1]["train_miou"]
+        (True, 1.0)
+    """
+    from dataclasses import replace
+
+    cfg = replace(config or OptimizeConfig(), **options)
+    records = list(records)
+    if not records:
+        raise ValueError("no records to optimize on")
+    if len(masks) != len(records):
+        raise ValueError(f"{len(records)} records but {len(masks)} masks: give one mask per record")
+    _check_same_model(records)
+    sizes = {(tuple(r.latent_size), tuple(r.image_size)) for r in records}
+    if len(sizes) > 1:
+        raise ValueError(f"records have different sizes {sorted(sizes)}; optimize per size")
+    targets = torch.stack([_mask_tensor(m, r, i, cfg.size)
+                           for i, (m, r) in enumerate(zip(masks, records, strict=True))])  # (N, pixels)
+    mode = records[0].meta.get("trace_config", {}).get("upsample", "bicubic")
+    h, w = records[0].latent_size
+    image_size = tuple(records[0].image_size)
+
+    def resize(maps: Tensor) -> Tensor:
+        """Latent ``(..., h*w)`` maps as flat maps at the loss' size."""
+        if cfg.size == "latent":
+            return maps
+        grid = maps.reshape(*maps.shape[:-1], h, w)
+        return upsample(grid, image_size, mode).flatten(-2)  # (..., H*W)
+
+    loss_fn = LOSSES[cfg.loss]
+    if cfg.loss == "margin":
+        loss_fn = partial(_margin_loss, sharpness=cfg.sharpness)
+    x0 = _init_embedding(init, records, pipe)
+    if cfg.method == "linear":
+        objective = _LinearObjective(records)
+        rows = [x0]
+    else:
+        objective = _OpenVocabObjective(records, pipe)
+        gen = torch.Generator().manual_seed(cfg.seed)
+        rows = [x0, torch.randn(x0.shape, generator=gen) * x0.std()]  # object, background
+    x = torch.nn.Parameter(torch.stack(rows))  # (tokens, D)
+    optimizer = torch.optim.Adam([x], lr=cfg.lr)
+    binary = targets >= 0.5
+
+    best = (math.inf, x.detach().clone(), -1)
+    history = []
+    since_best = 0
+    bar = None
+    if cfg.progress:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=cfg.epochs, desc=f"optimize {label or init if isinstance(init, str) else 'token'}")
+    for epoch in range(cfg.epochs):
+        optimizer.zero_grad()
+        maps = resize(objective(x))
+        if cfg.method == "linear":
+            p = _minmax(maps)  # (N, P)
+            loss = loss_fn(p, targets)
+            obj = p
+        else:
+            p = _minmax(maps)  # (N, 2, P)
+            g = torch.stack([targets, 1 - targets], dim=1)  # (N, 2, P)
+            loss = loss_fn(p.flatten(0, 1), g.flatten(0, 1))
+            obj = p[:, 0]
+        value = float(loss.detach())
+        if value < best[0] - cfg.min_delta:
+            best = (value, x.detach().clone(), epoch)  # the embedding this loss was computed with
+            since_best = 0
+        else:
+            since_best += 1
+        loss.backward()
+        optimizer.step()
+        miou = float(_iou(obj.detach() >= cfg.tau, binary))
+        entry = {"epoch": epoch, "loss": value, "train_miou": miou}
+        history.append(entry)
+        if callback is not None:
+            callback(entry)
+        if bar is not None:
+            bar.update(1)
+            bar.set_postfix(loss=f"{value:.4f}", miou=f"{miou:.3f}")
+        if since_best >= cfg.patience:
+            break
+    if bar is not None:
+        bar.close()
+    best_loss, best_x, best_epoch = best
+    text_dim = int(records[0].meta.get("text_dim") or x.shape[1])
+    meta = {
+        "model": records[0].meta.get("model"), "revision": records[0].meta.get("revision"), "text_dim": text_dim,
+        "method": cfg.method, "label": label or (init if isinstance(init, str) else "token"),
+        "init": init if isinstance(init, str) else "tensor", "loss_name": cfg.loss, "loss": best_loss,
+        "best_epoch": best_epoch, "epochs_run": len(history), "config": asdict(cfg),
+        "train_images": list(image_ids) if image_ids is not None else [r.meta.get("index") for r in records],
+    }
+    return OptimizedToken(best_x, label=meta["label"], meta=meta, history=history)
+
+
+def nearest_words(token: OptimizedToken | Tensor, pipe, k: int = 10, vocabulary: Sequence[str] | None = None,
+                  batch: int = 512) -> list[tuple[str, float]]:
+    """Words whose single-word embeddings are nearest (cosine) to a token: the mask-to-text direction.
+
+    Each word is encoded as ``<start> word`` (the text encoder is causal, so its output at the word does
+    not depend on what follows). ``vocabulary`` defaults to every whole-word token of the tokenizer.
+
+    Returns:
+        ``k`` (word, cosine similarity) pairs, most similar first.
+    """
+    x = token.embedding[0] if isinstance(token, OptimizedToken) else token.flatten()
+    tokenizer = pipe.tokenizer
+    if vocabulary is None:
+        vocab = tokenizer.get_vocab()
+        ids = sorted(i for t, i in vocab.items() if t.endswith("</w>") and t[:-4].isalpha())
+    else:
+        ids = []
+        for word in vocabulary:
+            piece = tokenizer(word, add_special_tokens=False).input_ids
+            if len(piece) == 1:
+                ids.append(piece[0])
+    if not ids:
+        raise ValueError("no single-token words to compare with")
+    start = tokenizer.bos_token_id
+    encoder = pipe.text_encoder
+    outs = []
+    with torch.no_grad():
+        for i in range(0, len(ids), batch):
+            chunk = torch.tensor([[start, t] for t in ids[i : i + batch]], device=encoder.device)
+            outs.append(encoder(chunk)[0][:, 1].float().cpu())  # (b, D)
+    emb = torch.cat(outs)
+    sims = F.cosine_similarity(emb, x.float()[None], dim=-1)
+    top = sims.topk(min(k, len(ids)))
+    names = tokenizer.convert_ids_to_tokens([ids[i] for i in top.indices.tolist()])
+    return [(n[:-4] if n.endswith("</w>") else n, float(s)) for n, s in zip(names, top.values.tolist(),
+                                                                           strict=True)]

@@ -1,0 +1,97 @@
+"""Token optimization: recovers known embeddings, saves safely, refuses bad input."""
+
+import numpy as np
+import pytest
+import torch
+from conftest import generate
+
+from opendaam.heatmaps import encode_text, heatmaps
+from opendaam.models import build_pipeline
+from opendaam.optimize import OptimizedToken, load_token, nearest_words, optimize_token
+from opendaam.tracing import trace
+
+
+@pytest.fixture(scope="module")
+def records(tiny_pipe):
+    with trace(tiny_pipe, prompt=["a red car", "a blue bus"], queries=True) as tracer:
+        generate(tiny_pipe, prompt=["a red car", "a blue bus"], num_inference_steps=3, height=32, width=32)
+    return tracer.records
+
+
+def _iou(a, b):
+    return float((a & b).sum()) / float((a | b).sum())
+
+
+def test_linear_recovers_a_known_embedding(records):
+    dim = records[0].linear_map.shape[1]
+    x_star = torch.randn(dim, generator=torch.Generator().manual_seed(7))
+    targets = [heatmaps(r, x_star, "linear").normalized()[0] >= 0.5 for r in records]
+    token = optimize_token(records, [t.numpy() for t in targets], init=torch.randn(dim), progress=False)
+    for r, t in zip(records, targets, strict=True):
+        got = heatmaps(r, token, "linear").normalized()[0] >= 0.5
+        assert _iou(got, t) > 0.95
+    assert token.history[0]["loss"] > token.meta["loss"]
+
+
+@pytest.mark.parametrize("loss", ["ce", "bce", "soft_iou"])
+def test_other_losses_improve(records, loss):
+    dim = records[0].linear_map.shape[1]
+    x_star = torch.randn(dim, generator=torch.Generator().manual_seed(3))
+    targets = [(heatmaps(r, x_star, "linear").normalized()[0] >= 0.5).numpy() for r in records]
+    token = optimize_token(records, targets, init="car", loss=loss, progress=False, epochs=150, lr=0.05)
+    start = heatmaps(records[0], records[0].context[3], "linear").normalized()[0] >= 0.5
+    got = heatmaps(records[0], token, "linear").normalized()[0] >= 0.5
+    assert _iou(got, torch.as_tensor(targets[0])) > _iou(start, torch.as_tensor(targets[0]))
+
+
+def test_open_vocab_optimization(records, tiny_pipe):
+    dim = records[0].linear_map.shape[1]
+    pair = torch.randn(2, dim, generator=torch.Generator().manual_seed(5))
+    targets = [(heatmaps(r, pair, "open_vocab", pipe=tiny_pipe).normalized()[0] >= 0.5).numpy() for r in records]
+    calls = []
+    token = optimize_token(records, targets, method="open_vocab", pipe=tiny_pipe, init="car", loss="bce",
+                           progress=False, epochs=120, lr=0.1, callback=calls.append)
+    assert token.embedding.shape == (2, dim)
+    assert len(calls) == token.meta["epochs_run"] and calls[0]["epoch"] == 0
+    assert min(c["loss"] for c in calls) == pytest.approx(token.meta["loss"])
+    got = heatmaps(records[1], token, "open_vocab", pipe=tiny_pipe).normalized()[0] >= 0.5
+    assert _iou(got, torch.as_tensor(targets[1])) > 0.8
+
+
+def test_token_save_load_and_compatibility(records, tiny_pipe, tmp_path):
+    token = optimize_token(records[:1], [np.ones((32, 32)) * (np.arange(32) < 12)[:, None]], init="car",
+                           progress=False, epochs=5, label="car")
+    path = token.save(tmp_path / "car.safetensors")
+    loaded = load_token(path, pipe=tiny_pipe, record=records[1])
+    assert torch.equal(loaded.embedding, token.embedding)
+    assert loaded.meta["text_dim"] == 32 and loaded.meta["init"] == "car" and loaded.label == "car"
+    assert torch.equal(heatmaps(records[1], loaded, "linear").soft, heatmaps(records[1], token, "linear").soft)
+    other = OptimizedToken(torch.zeros(1, 1024), "car", {"text_dim": 1024, "model": "stabilityai/sd2"})
+    with pytest.raises(ValueError, match="text width 1024 \\(token\\) vs 32 \\(pipeline\\)"):
+        load_token(other.save(tmp_path / "other.safetensors"), pipe=tiny_pipe)
+
+
+def test_bad_input(records, tiny_pipe):
+    with pytest.raises(ValueError, match=r"mask 0 is \(20, 20\) but record 0 is \(32, 32\)"):
+        optimize_token(records[:1], [np.ones((20, 20))], progress=False)
+    with pytest.raises(ValueError, match="mask 1 is empty"):
+        optimize_token(records, [np.ones((32, 32)), np.zeros((32, 32))], progress=False)
+    with pytest.raises(ValueError, match="2 records but 1 masks"):
+        optimize_token(records, [np.ones((32, 32))], progress=False)
+    other_pipe = build_pipeline("tiny", seed=1)
+    other_pipe.set_progress_bar_config(disable=True)
+    other_pipe.register_to_config(_name_or_path="other-model")
+    with trace(other_pipe, prompt="a car") as tracer:
+        generate(other_pipe, prompt="a car")
+    with pytest.raises(ValueError, match="records 0 and 1 come from different models"):
+        optimize_token([records[0], tracer.records[0]], [np.ones((32, 32))] * 2, progress=False)
+    with pytest.raises(ValueError, match="method must be 'linear' or 'open_vocab'"):
+        optimize_token(records, [np.ones((32, 32))] * 2, method="daam", progress=False)
+
+
+def test_nearest_words_finds_the_word_itself(tiny_pipe):
+    states, tokens = encode_text(tiny_pipe, "car")
+    # '<start> car' as the encoder sees it: the causal encoder ignores what follows
+    found = nearest_words(states[1], tiny_pipe, k=3, vocabulary=["tree", "car", "building", "sky"])
+    assert found[0][0] == "car" and found[0][1] == pytest.approx(1.0, abs=1e-4)
+    assert len(found) == 3
