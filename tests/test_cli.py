@@ -64,3 +64,38 @@ def test_demo_on_any_model(model_dir, tmp_path):
     grid = Image.open(tmp_path / "traffic_light_maps.png")
     assert grid.size[0] == 7 * 128  # the image and six words
     assert set(summary["images"][0]["maps"]) == {"daam", "open_vocab", "linear"}
+
+
+def test_optimize_then_generate_with_token(model_dir, tmp_path):
+    runs = tmp_path / "runs"
+    for seed in range(3):
+        assert main(["generate", "a red car", "--model", str(model_dir), "--steps", "2", "--seed", str(seed),
+                     "--out", str(runs / f"img{seed}"), "--words", "car"]) == 0
+    masks = tmp_path / "masks"
+    masks.mkdir()
+    for seed in range(3):
+        mask = np.zeros((16, 16), dtype=np.uint8)
+        mask[8:, :6] = 255
+        Image.fromarray(mask).save(masks / f"img{seed}.png")
+    token_path = tmp_path / "car.safetensors"
+    assert main(["optimize", "--records", str(runs), "--masks", str(masks), "--class", "car", "--train", "2",
+                 "--epochs", "20", "--model", str(model_dir), "--explain", "3", "--out", str(token_path)]) == 0
+    from opendaam.optimize import load_token
+
+    token = load_token(token_path)
+    assert token.meta["train_images"] == ["img0", "img1"] and len(token.meta["nearest_words"]) == 3
+    out = tmp_path / "with-token"
+    assert main(["generate", "a red car", "--model", str(model_dir), "--steps", "2", "--words", "tree",
+                 "--token", str(token_path), "--method", "linear", "--out", str(out)]) == 0
+    summary = json.loads((out / "summary.json").read_text())
+    assert [w["word"] for w in summary["words"]] == ["tree", "car"]
+    assert np.load(out / "maps" / "car.npy").shape == (16, 16)
+
+
+def test_optimize_reports_missing_masks(model_dir, tmp_path, capsys):
+    main(["generate", "a red car", "--model", str(model_dir), "--steps", "1", "--out", str(tmp_path / "r" / "a")])
+    (tmp_path / "m").mkdir()
+    code = main(["optimize", "--records", str(tmp_path / "r"), "--masks", str(tmp_path / "m"), "--class", "car",
+                 "--out", str(tmp_path / "t.safetensors")])
+    assert code == 2
+    assert "for records: a" in capsys.readouterr().err

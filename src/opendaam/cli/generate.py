@@ -28,6 +28,7 @@ def add_parser(sub) -> None:
     p.add_argument("--scheduler", default=None, help="pndm, ddim, euler, dpm++, ... (default: the model's)")
     p.add_argument("--words", nargs="*", default=None, help="words to map (default: the prompt's words)")
     p.add_argument("--method", default="daam", help="daam, open_vocab or linear")
+    p.add_argument("--token", nargs="*", default=[], help="optimized token files to map as well")
     p.add_argument("--tau", type=float, default=0.4, help="mask threshold relative to each map's maximum")
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
     p.add_argument("--no-record", action="store_true", help="do not save record.safetensors")
@@ -54,6 +55,7 @@ def run(args) -> int:
     import opendaam
     from opendaam.heatmaps import heatmaps, prompt_words
     from opendaam.models import generation_defaults, load_pipeline, set_threads
+    from opendaam.optimize import load_token
     from opendaam.tracing import tokenize_prompt, trace
     from opendaam.viz import overlay_grid, to_pil
 
@@ -70,12 +72,15 @@ def run(args) -> int:
         "width": args.width or defaults["width"],
     }
     _, tokens = tokenize_prompt(pipe, args.prompt)  # fails early on prompts over 77 tokens
-    words = args.words or [w for w, _ in prompt_words(tokens)]
+    words = args.words if args.words is not None else [w for w, _ in prompt_words(tokens)]
+    optimized = [load_token(path, pipe=pipe) for path in args.token]
+    if optimized and args.method == "daam":
+        raise ValueError("optimized tokens are not in the prompt: use --method linear or --method open_vocab")
     out = Path(args.out)
     for sub in ("maps", "masks", "overlays"):
         (out / sub).mkdir(parents=True, exist_ok=True)
 
-    queries = args.method == "open_vocab"
+    queries = args.method == "open_vocab"  # the query cache is only needed for open-vocabulary maps
     start = time.perf_counter()
     with trace(pipe, prompt=args.prompt, queries=queries, meta={"seed": args.seed}) as tracer:
         result = pipe(args.prompt, generator=torch.Generator().manual_seed(args.seed), output_type="np",
@@ -86,7 +91,7 @@ def run(args) -> int:
     image.save(out / "image.png")
 
     start = time.perf_counter()
-    maps = heatmaps(record, words, args.method, pipe=pipe)
+    maps = heatmaps(record, [*words, *optimized], args.method, pipe=pipe)
     soft = maps.soft.detach()
     masks = maps.masks(args.tau)
     timings["heatmaps_s"] = time.perf_counter() - start
