@@ -99,3 +99,44 @@ def test_optimize_reports_missing_masks(model_dir, tmp_path, capsys):
                  "--out", str(tmp_path / "t.safetensors")])
     assert code == 2
     assert "for records: a" in capsys.readouterr().err
+
+
+def test_experiment_with_user_masks_then_evaluate(model_dir, tmp_path, capsys):
+    out = tmp_path / "exp"
+    masks = tmp_path / "user-masks"
+    args = ["experiment", "thesis", "--model", str(model_dir), "--masks", str(masks), "--per-class", "3",
+            "--train", "1", "--classes", "car", "--steps", "2", "--epochs", "5", "--out", str(out)]
+    assert main(args) == 2  # no masks yet: the images are generated, the missing masks listed
+    assert "for: car_0, car_1, car_2" in capsys.readouterr().err
+    assert len(list((out / "data" / "records").glob("*.safetensors"))) == 3
+    masks.mkdir()
+    for seed in range(3):
+        mask = np.zeros((16, 16), dtype=np.uint8)
+        mask[4:12, 2 + seed : 10 + seed] = 255
+        Image.fromarray(mask).save(masks / f"car_{seed}.png")
+    assert main(args) == 0
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["test_ids"] == ["car_1", "car_2"]
+    assert (out / "curves.png").exists() and (out / "max_miou.csv").exists()
+    ev = tmp_path / "eval"
+    assert main(["evaluate", "--records", str(out / "data" / "records"), "--masks", str(out / "data" / "masks"),
+                 "--methods", "daam", "linear_opt", "--tokens", str(out / "tokens"), "--train", "1",
+                 "--per-layer", "--per-step", "--out", str(ev)]) == 0
+    rows = (ev / "max_miou.csv").read_text().splitlines()
+    assert rows[0] == "class,daam,linear_opt,class_prior,center_box,random"
+    assert len(rows) == 3  # car and all
+    ablation = json.loads((ev / "ablation.json").read_text())
+    assert np.array(ablation["miou"]).shape == (5, 2)
+    assert (ev / "ablation.png").exists() and (ev / "ablation.csv").exists()
+    # the same daam number as the experiment's own table (same test images, same thresholds)
+    assert float(rows[1].split(",")[1]) == pytest.approx(summary["methods"]["daam"]["car"]["max_miou"], abs=0.05)
+
+
+def test_evaluate_class_without_test_images(model_dir, tmp_path, capsys):
+    main(["generate", "a red car", "--model", str(model_dir), "--steps", "1", "--out", str(tmp_path / "r" / "a")])
+    (tmp_path / "m").mkdir()
+    Image.fromarray(np.full((16, 16), 255, np.uint8)).save(tmp_path / "m" / "a.png")
+    code = main(["evaluate", "--records", str(tmp_path / "r"), "--masks", str(tmp_path / "m"), "--class", "car",
+                 "--train", "1", "--out", str(tmp_path / "e")])
+    assert code == 2
+    assert "classes with no test images: car" in capsys.readouterr().err

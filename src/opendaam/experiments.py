@@ -44,6 +44,7 @@ __all__ = [
     "evaluate",
     "generate_items",
     "load_items",
+    "read_mask",
     "run_thesis",
     "summarize",
     "write_tables",
@@ -187,8 +188,16 @@ def load_items(root: str | Path) -> list[Item]:
     return items
 
 
-def _read_mask(path: Path, size: tuple[int, int]) -> Tensor:
-    """A boolean ``(H, W)`` mask from a PNG, checked against the record's image size and binarity."""
+def read_mask(path: Path, size: tuple[int, int]) -> Tensor:
+    """A boolean ``(H, W)`` mask from a PNG, checked against the record's image size and binarity.
+
+    Example:
+        >>> import tempfile, os
+        >>> path = os.path.join(tempfile.mkdtemp(), "m.png")
+        >>> Image.fromarray(np.array([[0, 255]], dtype=np.uint8)).save(path)
+        >>> read_mask(Path(path), (1, 2)).tolist()
+        [[False, True]]
+    """
     array = np.array(Image.open(path))
     if array.ndim == 3:
         array = array[..., 0]
@@ -325,7 +334,7 @@ def evaluate(
     ids: dict[str, list[str]] = {}
     for item in items:
         record = (records or {}).get(item.id) or load_record(root / item.record)
-        mask = _read_mask(root / item.mask, record.image_size)
+        mask = read_mask(root / item.mask, record.image_size)
         ids.setdefault(item.cls, []).append(item.id)
         for name, (fn, kind) in table.items():
             with torch.no_grad():
@@ -382,7 +391,7 @@ def ablation(items: Sequence[Item], root: str | Path, thresholds: Tensor | None 
         for s, step in enumerate(steps):
             curves = []
             for record, item in loaded:
-                mask = _read_mask(root / item.mask, record.image_size)
+                mask = read_mask(root / item.mask, record.image_size)
                 soft = heatmaps(record, item.cls, layers=block, steps=step).soft[0]
                 curves.append(threshold_curve(soft[None], mask[None], taus))
             matrix[b, s] = 100 * curve_summary(torch.cat(curves, dim=1), taus)["max_miou"]
@@ -416,7 +425,7 @@ class ThesisConfig:
 
 
 def run_thesis(pipe, out: str | Path, config: ThesisConfig | None = None, *, annotator=None,
-               progress: bool = True) -> dict:
+               masks_dir: str | Path | None = None, progress: bool = True) -> dict:
     """The thesis experiment: dataset, tokens (1/2/5 training images), evaluation of all four methods and
     the baselines, tables 4.1-4.3. Writes ``tables.md``, ``*.csv``, ``summary.json`` under ``out``.
 
@@ -438,11 +447,13 @@ def run_thesis(pipe, out: str | Path, config: ThesisConfig | None = None, *, ann
     items = generate_items(pipe, out / "data", cfg.classes, cfg.per_class, annotator=annotator, seed0=cfg.seed0,
                            call=call, progress=progress)
     root = out / "data"
+    if masks_dir is not None:
+        _copy_masks(items, Path(masks_dir), root)
     records = {i.id: load_record(root / i.record) for i in items}
     pool = max(cfg.train_sizes)
     train = {c: [i for i in items if i.cls == c][:pool] for c in cfg.classes}
     test = [i for i in items if i.id not in {t.id for ts in train.values() for t in ts}]
-    masks = {i.id: _read_mask(root / i.mask, records[i.id].image_size) for i in items}
+    masks = {i.id: read_mask(root / i.mask, records[i.id].image_size) for i in items}
     taus = default_thresholds(cfg.tau_step)
 
     tokens_by_size: dict[int, dict[tuple[str, str], OptimizedToken]] = {}
@@ -484,6 +495,21 @@ def run_thesis(pipe, out: str | Path, config: ThesisConfig | None = None, *, ann
     }
     write_tables(summary, out)
     return summary
+
+
+def _copy_masks(items: Sequence[Item], source: Path, root: Path) -> None:
+    """Copy user masks ``<id>.png`` into the dataset; list every item that has none."""
+    import shutil
+
+    missing = [i.id for i in items if not (source / f"{i.id}.png").exists()]
+    if missing:
+        raise FileNotFoundError(
+            f"no mask <id>.png in {source} for: {', '.join(missing)}; the generated images are in "
+            f"{root / 'images'} (annotate them, then rerun: finished images are not generated again)"
+        )
+    for i in items:
+        (root / i.mask).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(source / f"{i.id}.png", root / i.mask)
 
 
 def write_tables(summary: dict, out: str | Path) -> None:

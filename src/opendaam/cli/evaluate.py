@@ -1,0 +1,87 @@
+"""``opendaam evaluate``: threshold curves, max mIoU and AUC per class and method, with baselines and plots."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+__all__ = ["add_parser", "run"]
+
+
+def add_parser(sub) -> None:
+    """Register the ``evaluate`` subcommand."""
+    p = sub.add_parser("evaluate", help="evaluate maps against masks", description=__doc__)
+    p.add_argument("--records", required=True, help="folder of records (*.safetensors, searched recursively)")
+    p.add_argument("--masks", required=True, help="folder of binary masks <id>.png")
+    p.add_argument("--methods", nargs="+", default=["daam", "linear"],
+                   help="daam, linear, open_vocab, daam_opt, linear_opt")
+    p.add_argument("--tokens", default=None, help="folder of optimized tokens (*.safetensors)")
+    p.add_argument("--model", default=None, help="pipeline, needed for open_vocab and daam_opt")
+    p.add_argument("--class", dest="cls", default=None, help="class of every record (default: record metadata)")
+    p.add_argument("--train", type=int, default=0,
+                   help="the first N images per class are training images: they make the class prior and are "
+                        "left out of the evaluation (0: the prior is in-sample)")
+    p.add_argument("--tau-step", type=float, default=0.05)
+    p.add_argument("--per-layer", action="store_true", help="with --per-step: the block x step mIoU matrix")
+    p.add_argument("--per-step", action="store_true", help="with --per-layer: the block x step mIoU matrix")
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--out", required=True)
+    p.set_defaults(run=run)
+
+
+def run(args) -> int:
+    """Evaluate and write tables, summary and figures."""
+    import torch
+
+    from opendaam.cache import load_record
+    from opendaam.cli.optimize import find_pairs
+    from opendaam.experiments import Item, ablation, evaluate, read_mask, summarize, write_tables
+    from opendaam.metrics import default_thresholds
+    from opendaam.models import load_pipeline, set_threads
+    from opendaam.optimize import load_token
+    from opendaam.viz import plot_ablation, plot_curves
+
+    set_threads(args.threads)
+    pairs = find_pairs(args.records, args.masks)
+    records, items = {}, []
+    for rid, rpath, mpath in pairs:
+        record = load_record(rpath)
+        cls = args.cls or record.meta.get("class")
+        if cls is None:
+            raise ValueError(f"record {rid} does not name its class: pass --class")
+        records[rid] = record
+        items.append(Item(id=rid, cls=cls, prompt=record.meta.get("prompt") or "", seed=record.meta.get("seed", 0),
+                          record=str(rpath.resolve()), mask=str(mpath.resolve()), image=""))
+    classes = sorted({i.cls for i in items})
+    train = {c: [i for i in items if i.cls == c][: args.train] for c in classes}
+    test = [i for i in items if i not in {t for ts in train.values() for t in ts}]
+    empty = [c for c in classes if not any(i.cls == c for i in test)]
+    if empty:
+        raise ValueError(f"classes with no test images: {', '.join(empty)} (lower --train or add images)")
+    pipe = load_pipeline(args.model) if args.model else None
+    tokens = {}
+    if args.tokens:
+        for path in sorted(Path(args.tokens).glob("*.safetensors")):
+            token = load_token(path, pipe=pipe)
+            tokens[(token.meta.get("method", "linear"), token.label)] = token
+    prior_items = {c: (train[c] or [i for i in items if i.cls == c]) for c in classes}
+    priors = {c: torch.stack([read_mask(Path(i.mask), records[i.id].image_size).float() for i in v]).mean(0)
+              for c, v in prior_items.items()}
+    taus = default_thresholds(args.tau_step)
+    ev = evaluate(test, "/", args.methods, pipe=pipe, tokens=tokens, priors=priors, thresholds=taus,
+                  records=records)
+    summary = {"thresholds": taus.tolist(), "methods": summarize(ev), "prior_in_sample": args.train == 0,
+               "test_ids": [i.id for i in test]}
+    out = Path(args.out)
+    write_tables(summary, out)
+    plot_curves(summary, out / "curves.png")
+    if args.per_layer or args.per_step:
+        result = ablation(test, "/", taus, records=records)
+        (out / "ablation.json").write_text(json.dumps(result, indent=1))
+        with open(out / "ablation.csv", "w") as f:
+            f.write("block," + ",".join(str(s) for s in result["steps"]) + "\n")
+            for block, row in zip(result["blocks"], result["miou"], strict=True):
+                f.write(block + "," + ",".join(f"{v:.2f}" for v in row) + "\n")
+        plot_ablation(result, out / "ablation.png")
+    print((out / "tables.md").read_text())
+    return 0
