@@ -22,11 +22,12 @@ def _iou(a, b):
     return float((a & b).sum()) / float((a | b).sum())
 
 
-def test_linear_recovers_a_known_embedding(records):
+@pytest.mark.parametrize("size", ["latent", "image"])
+def test_linear_recovers_a_known_embedding(records, size):
     dim = records[0].linear_map.shape[1]
     x_star = torch.randn(dim, generator=torch.Generator().manual_seed(7))
     targets = [heatmaps(r, x_star, "linear").normalized()[0] >= 0.5 for r in records]
-    token = optimize_token(records, [t.numpy() for t in targets], init=torch.randn(dim), progress=False)
+    token = optimize_token(records, [t.numpy() for t in targets], init=torch.randn(dim), progress=False, size=size)
     for r, t in zip(records, targets, strict=True):
         got = heatmaps(r, token, "linear").normalized()[0] >= 0.5
         assert _iou(got, t) > 0.95

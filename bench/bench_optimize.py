@@ -1,0 +1,174 @@
+"""Benchmark: per-epoch time per image of token optimization at the Stable Diffusion 2-base latent size.
+
+Builds a record with the exact SD 2-base shapes at 512 x 512 (latent 64 x 64, text width 1024, 16
+cross-attention layers, PNDM's 31 U-Net calls for 30 steps) filled with random queries (timing does not
+depend on values; no generation is needed), then times, in one process:
+
+* opendaam's linear optimization (one batched ``M x`` per epoch) and open-vocabulary optimization
+  ([object, background] through the softmax of the cached queries);
+* a straightforward loop-per-timestep reimplementation (Python loops over steps and layers each epoch,
+  each map upsampled and summed, as OVAM's optimizer does), for both methods.
+
+Usage::
+
+    python bench/bench_optimize.py --threads 1 --epochs 5 --out bench/results/optimize.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from opendaam.models import ARCHITECTURES, cross_attention_layers, set_threads
+from opendaam.optimize import optimize_token
+from opendaam.tracing import LayerInfo, Record, build_linear_map
+
+
+def synthetic_record(unet, size: int, calls: int, seed: int = 0) -> Record:
+    """A record with SD-shaped random fp16 queries and the matching matrix M (no generation)."""
+    gen = torch.Generator().manual_seed(seed)
+    h = w = size // 8
+    layers, queries, sums = {}, {}, {}
+    # geometry: each block's level from its name (down_blocks.i: i, up_blocks.i: n-1-i, mid: n-1)
+    n = len(unet.config.block_out_channels)
+    for name, attn in cross_attention_layers(unet).items():
+        if name.startswith("down_blocks"):
+            level = int(name.split(".")[1])
+        elif name.startswith("up_blocks"):
+            level = n - 1 - int(name.split(".")[1])
+        else:
+            level = n - 1
+        lh, lw = -(-h // 2**level), -(-w // 2**level)
+        inner = attn.to_q.out_features
+        info = LayerInfo(name=name, heads=attn.heads, head_dim=inner // attn.heads, scale=float(attn.scale),
+                         height=lh, width=lw)
+        layers[name] = info
+        q = torch.randn(calls, lh * lw, inner, generator=gen).to(torch.float16)  # (S, N, inner)
+        queries[name] = q
+        sums[name] = q.float().sum(0)  # (N, inner)
+    keys = {name: attn.to_k for name, attn in cross_attention_layers(unet).items()}
+    m, bias = build_linear_map(sums, layers, keys, (h, w), "bicubic")
+    meta = {"latent_size": [h, w], "image_size": [size, size], "text_dim": unet.config.cross_attention_dim,
+            "steps": list(range(calls)), "calls": calls, "model": "sd2-base-random",
+            "trace_config": {"upsample": "bicubic"}}
+    return Record(meta=meta, layers=layers, queries=queries, linear_map=m, linear_bias=bias)
+
+
+class _Pipe:
+    """The parts of a pipeline that optimization reads: the U-Net (for keys)."""
+
+    def __init__(self, unet):
+        self.unet = unet
+
+
+def loop_linear_epoch(record: Record, unet, x: torch.Tensor, target: torch.Tensor, optimizer) -> float:
+    """One epoch of the loop-per-timestep linear approach: maps rebuilt from every step and layer."""
+    modules = cross_attention_layers(unet)
+    h, w = record.latent_size
+    optimizer.zero_grad()
+    total = torch.zeros(h, w)
+    for name, info in record.layers.items():
+        k = F.linear(x, modules[name].to_k.weight.detach())  # (inner,)
+        for t in range(record.queries[name].shape[0]):
+            q = record.queries[name][t].float()  # (N, inner)
+            m = (q @ k).reshape(1, 1, info.height, info.width)
+            total = total + F.interpolate(m, size=(h, w), mode="bicubic", align_corners=False)[0, 0]
+    p = (total - total.min()) / (total.max() - total.min() + 1e-8)
+    loss = F.binary_cross_entropy(p.clamp(1e-6, 1 - 1e-6).flatten(), target)
+    loss.backward()
+    optimizer.step()
+    return float(loss)
+
+
+def loop_open_vocab_epoch(record: Record, unet, x: torch.Tensor, target: torch.Tensor, optimizer) -> float:
+    """One epoch of the loop-per-timestep open-vocabulary approach ([object, background] tokens)."""
+    modules = cross_attention_layers(unet)
+    h, w = record.latent_size
+    optimizer.zero_grad()
+    total = torch.zeros(2, h, w)
+    for name, info in record.layers.items():
+        k = F.linear(x, modules[name].to_k.weight.detach()).view(2, info.heads, info.head_dim)  # (2, H, d)
+        for t in range(record.queries[name].shape[0]):
+            q = record.queries[name][t].float().view(-1, info.heads, info.head_dim)  # (N, H, d)
+            probs = (torch.einsum("nhd,khd->hnk", q, k) * info.scale).softmax(-1).sum(0)  # (N, 2)
+            m = probs.T.reshape(1, 2, info.height, info.width)
+            total = total + F.interpolate(m, size=(h, w), mode="bicubic", align_corners=False)[0]
+    flat = total.flatten(1)
+    p = (flat - flat.amin(1, keepdim=True)) / (flat.amax(1, keepdim=True) - flat.amin(1, keepdim=True) + 1e-8)
+    g = torch.stack([target, 1 - target])
+    loss = F.binary_cross_entropy(p.clamp(1e-6, 1 - 1e-6), g)
+    loss.backward()
+    optimizer.step()
+    return float(loss)
+
+
+def time_opendaam(record, pipe, method: str, epochs: int, mask) -> float:
+    """Seconds per epoch per image of :func:`optimize_token` (setup excluded: one warm epoch first)."""
+    kwargs = dict(init=torch.randn(record.meta["text_dim"]), method=method, pipe=pipe, progress=False,
+                  size="latent", patience=10**6)
+    optimize_token([record], [mask], epochs=1, **kwargs)  # warm-up and setup cost
+    start = time.perf_counter()
+    optimize_token([record], [mask], epochs=epochs + 1, **kwargs)
+    total = time.perf_counter() - start
+    start = time.perf_counter()
+    optimize_token([record], [mask], epochs=1, **kwargs)
+    setup = time.perf_counter() - start
+    return (total - setup) / epochs
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--size", type=int, default=512)
+    parser.add_argument("--calls", type=int, default=31, help="U-Net calls (PNDM: 31 for 30 steps)")
+    parser.add_argument("--epochs", type=int, default=5)
+    parser.add_argument("--out", default="bench/results/optimize.json")
+    args = parser.parse_args()
+    set_threads(args.threads)
+    from diffusers import UNet2DConditionModel
+
+    torch.manual_seed(0)
+    unet = UNet2DConditionModel(**ARCHITECTURES["sd2-base"].unet)
+    record = synthetic_record(unet, args.size, args.calls)
+    pipe = _Pipe(unet)
+    h, w = record.latent_size
+    mask = torch.zeros(h, w)
+    mask[h // 4 : h // 2, w // 3 : 2 * w // 3] = 1
+
+    result = {
+        "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "machine": f"{platform.machine()} {os.cpu_count()} cores, torch {torch.__version__}",
+        "size": args.size, "latent": [h, w], "text_dim": record.meta["text_dim"], "calls": args.calls,
+        "threads": args.threads, "epochs": args.epochs,
+    }
+    result["linear_s_per_epoch"] = time_opendaam(record, pipe, "linear", args.epochs * 20, mask)
+    result["open_vocab_s_per_epoch"] = time_opendaam(record, pipe, "open_vocab", args.epochs, mask)
+    for method, fn in (("linear", loop_linear_epoch), ("open_vocab", loop_open_vocab_epoch)):
+        rows = 2 if method == "open_vocab" else 1
+        x = torch.nn.Parameter(torch.randn(rows, record.meta["text_dim"])[0 if rows == 1 else slice(None)])
+        opt = torch.optim.Adam([x], lr=0.1)
+        times = []
+        for _ in range(max(2, args.epochs // 2)):
+            start = time.perf_counter()
+            fn(record, unet, x, mask.flatten(), opt)
+            times.append(time.perf_counter() - start)
+        result[f"loop_{method}_s_per_epoch"] = statistics.median(times)
+    result["speedup_linear"] = result["loop_linear_s_per_epoch"] / result["linear_s_per_epoch"]
+    result["speedup_open_vocab"] = result["loop_open_vocab_s_per_epoch"] / result["open_vocab_s_per_epoch"]
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=2))
+    print(json.dumps(result, indent=2))
+
+
+if __name__ == "__main__":
+    main()
