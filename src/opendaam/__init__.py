@@ -3,11 +3,14 @@
 from opendaam.cache import load_record
 from opendaam.heatmaps import METHODS, Heatmaps, heatmaps
 from opendaam.models import build_pipeline, clip_tokenizer, load_pipeline, set_threads
+from opendaam.optimize import OptimizeConfig, OptimizedToken, load_token, nearest_words, optimize_token
 from opendaam.tracing import Record, TraceConfig, trace
 
 __all__ = [
     "METHODS",
     "Heatmaps",
+    "OptimizeConfig",
+    "OptimizedToken",
     "Record",
     "TraceConfig",
     "build_pipeline",
@@ -15,6 +18,9 @@ __all__ = [
     "heatmaps",
     "load_pipeline",
     "load_record",
+    "load_token",
+    "nearest_words",
+    "optimize_token",
     "set_threads",
     "trace",
 ]
