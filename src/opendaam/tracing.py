@@ -307,7 +307,8 @@ class Tracer:
         sample = args[0] if args else kwargs["sample"]
         timestep = args[1] if len(args) > 1 else kwargs.get("timestep")
         timesteps = getattr(getattr(self.pipe, "scheduler", None), "timesteps", None)
-        if timesteps is not self._timesteps_obj or not self._pending:
+        expected = self._n_images * (2 if self._cfg else 1)
+        if timesteps is not self._timesteps_obj or not self._pending or sample.shape[0] != expected:
             self._finish_generation()
             self._timesteps_obj = timesteps
             self._start_generation(sample)
