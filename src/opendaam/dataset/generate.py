@@ -1,0 +1,432 @@
+"""Generate a dataset: for each (prompt, seed), an image, per-class soft maps and a label map.
+
+Layout of a dataset folder (``key`` is the item's index, ``000042``)::
+
+    dataset.json              spec (validated), spec hash, class table
+    spec.yaml                 the spec file as given
+    images/<key>.png          generated image, RGB
+    labels/<key>.png          uint8: 0 background, 1..K classes in spec order, 255 ignore
+    maps/<key>.npz            float16 normalized map per labelled class (keys: class names), (H, W)
+    shards/manifest-<r>-of-<n>.jsonl   one line per finished item, appended by process r of n
+    manifest.jsonl            all items sorted by index (written by the merge step)
+
+Crash safety: files are written atomically and the manifest line is appended last, so an item is
+finished exactly when its manifest line exists; a rerun skips finished items. Sharding: process ``r`` of
+``n`` takes items ``r, r + n, r + 2n, ...``; see :func:`current_shard`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from opendaam.dataset.io import DatasetError, append_line, atomic_write, npz_bytes, png_bytes, read_manifest
+from opendaam.dataset.labels import label_map, mask_stats
+from opendaam.dataset.spec import DatasetSpec, Item, expand_items, spec_hash, spec_to_dict
+
+__all__ = [
+    "DATASET_FORMAT",
+    "GenerateResult",
+    "Shard",
+    "class_table",
+    "current_shard",
+    "finished_items",
+    "generate",
+    "item_files",
+    "shard_manifest",
+]
+
+DATASET_FORMAT = 1
+"""Version of the dataset folder layout."""
+
+TIMING_KEY = "timing"
+"""Manifest field holding wall times: the only field that differs between two runs of the same spec."""
+
+
+@dataclass(frozen=True)
+class Shard:
+    """Which part of the item list this process generates."""
+
+    rank: int = 0  # this process' index
+    world: int = 1  # number of processes
+    state: object | None = field(default=None, compare=False)  # accelerate's PartialState, when launched by it
+
+    def take(self, items: list[Item]) -> list[Item]:
+        """This shard's items: every ``world``-th item starting at ``rank``.
+
+        Example:
+            >>> [it.index for it in Shard(1, 3).take([Item(i, "p", "p", 0, ()) for i in range(7)])]
+            [1, 4]
+        """
+        return items[self.rank :: self.world]
+
+
+def current_shard(rank: int | None = None, world: int | None = None) -> Shard:
+    """The shard of this process: explicit values, else accelerate's ``PartialState`` when the process was
+    started by ``accelerate launch``, else the ``RANK`` / ``WORLD_SIZE`` environment variables, else 0 of 1.
+
+    Example:
+        >>> current_shard(2, 4)
+        Shard(rank=2, world=4, state=None)
+    """
+    state = None
+    if rank is None and world is None and "ACCELERATE_MIXED_PRECISION" in os.environ:
+        try:
+            from accelerate import PartialState
+
+            state = PartialState()
+            rank, world = state.process_index, state.num_processes
+        except ImportError:
+            state = None
+    if world is None:
+        world = int(os.environ.get("WORLD_SIZE", "1"))
+    if rank is None:
+        rank = int(os.environ.get("RANK", os.environ.get("LOCAL_RANK", "0")))
+    if world < 1 or not 0 <= rank < world:
+        raise DatasetError(f"bad shard: process {rank} of {world} (need 0 <= rank < world size)")
+    return Shard(rank, world, state)
+
+
+def shard_manifest(out: Path, shard: Shard) -> Path:
+    """Path of a shard's manifest.
+
+    Example:
+        >>> shard_manifest(Path("d"), Shard(1, 2)).as_posix()
+        'd/shards/manifest-00001-of-00002.jsonl'
+    """
+    return out / "shards" / f"manifest-{shard.rank:05d}-of-{shard.world:05d}.jsonl"
+
+
+def item_files(key: str) -> dict[str, str]:
+    """Relative paths of an item's files.
+
+    Example:
+        >>> item_files("000003")["label"]
+        'labels/000003.png'
+    """
+    return {"image": f"images/{key}.png", "label": f"labels/{key}.png", "maps": f"maps/{key}.npz"}
+
+
+def class_table(spec: DatasetSpec) -> list[dict]:
+    """Label id, name and Cityscapes id of every class (label id = position in the spec + 1).
+
+    Example:
+        >>> from opendaam.dataset.spec import parse_spec
+        >>> spec = parse_spec({"classes": [{"name": "car", "prompts": ["a {}"]},
+        ...                                {"name": "tree", "prompts": ["a {}"]}]})
+        >>> class_table(spec)
+        [{'id': 1, 'name': 'car', 'cityscapes_id': 26}, {'id': 2, 'name': 'tree', 'cityscapes_id': None}]
+    """
+    from opendaam.dataset.cityscapes import cityscapes_id
+
+    return [
+        {"id": i + 1, "name": c.name,
+         "cityscapes_id": c.cityscapes_id if c.cityscapes_id is not None else cityscapes_id(c.name)}
+        for i, c in enumerate(spec.classes)
+    ]
+
+
+def finished_items(out: Path, digest: str) -> dict[int, dict]:
+    """Manifest entries (by index) of items finished for the spec with hash ``digest``, across all shard
+    manifests, whose files all exist.
+
+    Example:
+        >>> finished_items(Path("no-such-folder"), "abc")
+        {}
+    """
+    done: dict[int, dict] = {}
+    folder = out / "shards"
+    if not folder.exists():
+        return done
+    for path in sorted(folder.glob("manifest-*.jsonl")):
+        for entry in read_manifest(path):
+            if entry.get("provenance", {}).get("spec_hash") != digest:
+                continue
+            if all((out / rel).exists() for rel in entry["files"].values()):
+                done.setdefault(int(entry["index"]), entry)
+    return done
+
+
+@dataclass(frozen=True)
+class GenerateResult:
+    """What one :func:`generate` call did."""
+
+    out: Path  # the dataset folder
+    generated: int  # items made by this call
+    skipped: int  # items of this shard found finished
+    total: int  # items in the whole dataset
+    shard: Shard  # which part this process made
+    finalized: bool  # manifest, filters, exports and card were written (all items were finished)
+
+
+def _dataset_header(spec: DatasetSpec, digest: str) -> dict:
+    """Contents of ``dataset.json``."""
+    from opendaam import __version__
+
+    return {"format": DATASET_FORMAT, "spec_hash": digest, "opendaam": __version__, "spec": spec_to_dict(spec),
+            "classes": class_table(spec)}
+
+
+def _claim_folder(out: Path, spec: DatasetSpec, digest: str, force: bool, spec_text: str | None,
+                  spec_name: str) -> None:
+    """Create or check the dataset folder: refuse one made from another spec (or holding other files)."""
+    header_path = out / "dataset.json"
+    if header_path.exists():
+        try:
+            old = json.loads(header_path.read_text())
+        except json.JSONDecodeError:
+            old = {}
+        if old.get("spec_hash") != digest and not force:
+            raise DatasetError(
+                f"{out} holds a dataset made from a different spec (hash {str(old.get('spec_hash'))[:12]}, this "
+                f"spec {digest[:12]}); choose another --out, or pass --force to regenerate it from this spec"
+            )
+    elif out.exists():
+        others = [p.name for p in out.iterdir() if not p.name.endswith(".tmp")]
+        if others and not force:
+            found = ", ".join(sorted(others)[:3])
+            raise DatasetError(f"{out} is not empty and holds no opendaam dataset (found {found}); choose "
+                               "another --out, or pass --force to write into it anyway")
+    header = json.dumps(_dataset_header(spec, digest), indent=2, sort_keys=True) + "\n"
+    if not header_path.exists() or header_path.read_text() != header:
+        atomic_write(header_path, header)
+    if spec_text is not None:
+        target = out / spec_name
+        if not target.exists() or target.read_text() != spec_text:
+            atomic_write(target, spec_text)
+
+
+def _repair_own_manifest(path: Path, digest: str) -> None:
+    """Drop a torn last line and lines of another spec from this shard's manifest (atomically)."""
+    if not path.exists():
+        return
+    entries = read_manifest(path)
+    keep = [e for e in entries if e.get("provenance", {}).get("spec_hash") == digest]
+    text = "".join(json.dumps(e, sort_keys=True, separators=(",", ":")) + "\n" for e in keep)
+    if path.read_bytes() != text.encode():
+        atomic_write(path, text)
+
+
+def _resolve_model(spec: DatasetSpec) -> str:
+    """The model id, or the folder relative to the spec file when such a pipeline folder exists."""
+    model = spec.model_spec.id
+    local = Path(spec.base_dir) / model
+    if not Path(model).is_absolute() and (local / "model_index.json").exists():
+        return str(local)
+    return model
+
+
+def _class_queries(spec: DatasetSpec, pipe) -> dict[str, list]:
+    """Per class, what is mapped: the prompt text (DAAM), else its words and/or optimized token."""
+    from opendaam.optimize import load_token
+
+    queries: dict[str, list] = {}
+    for cls in spec.classes:
+        if spec.method == "daam":
+            queries[cls.name] = [cls.prompt_text]
+            continue
+        chosen: list = list(cls.words)
+        path = spec.token_path(cls)
+        if path is not None:
+            chosen.append(load_token(path, pipe=pipe))
+        queries[cls.name] = chosen or [cls.prompt_text]
+    return queries
+
+
+def class_scores(record, spec: DatasetSpec, classes: tuple[str, ...], queries: dict[str, list], pipe) -> np.ndarray:
+    """Normalized float16 maps of ``classes`` for one record, ``(classes, H, W)``.
+
+    A class with several words (or a token) gets the mean of their raw maps, normalized once
+    (``max`` for DAAM and open_vocab, ``minmax`` for linear unless the spec says otherwise).
+    """
+    from opendaam.heatmaps import Heatmaps, heatmaps
+
+    flat = [q for name in classes for q in queries[name]]
+    maps = heatmaps(record, flat, spec.method, pipe=pipe)
+    latent = maps.latent.detach().float()  # (queries, h, w)
+    pooled, start = [], 0
+    for name in classes:
+        count = len(queries[name])
+        pooled.append(latent[start : start + count].mean(dim=0))
+        start += count
+    per_class = Heatmaps(torch.stack(pooled), list(classes), method=spec.method, image_size=maps.image_size,
+                         mode=maps.mode)  # latent (classes, h, w)
+    scores = per_class.normalized(spec.normalize).clamp(0.0, 1.0)  # (classes, H, W)
+    return scores.cpu().numpy().astype(np.float16)
+
+
+def _provenance(spec: DatasetSpec, digest: str, call: dict, pipe, record) -> dict:
+    """Provenance fields shared by the manifest lines."""
+    import diffusers
+
+    from opendaam import __version__
+
+    return {
+        "model": spec.model_spec.id, "revision": spec.model_spec.revision, "model_commit": record.meta.get("revision"),
+        "scheduler": type(pipe.scheduler).__name__, "steps": call["num_inference_steps"],
+        "guidance": call["guidance_scale"], "height": call["height"], "width": call["width"],
+        "method": spec.method, "normalize": spec.normalize or ("minmax" if spec.method == "linear" else "max"),
+        "thresholds": [spec.thresholds.low, spec.thresholds.high], "opendaam": __version__,
+        "torch": torch.__version__, "diffusers": diffusers.__version__, "spec_hash": digest,
+    }
+
+
+def generate(
+    spec: DatasetSpec,
+    out: str | Path,
+    *,
+    force: bool = False,
+    pipe=None,
+    shard: Shard | None = None,
+    threads: int | None = None,
+    device: str | None = None,
+    progress: bool = True,
+    limit: int | None = None,
+    spec_text: str | None = None,
+    spec_name: str = "spec.yaml",
+    finalize: bool = True,
+) -> GenerateResult:
+    """Generate (or finish) this process' share of a dataset; merge and export when all items are done.
+
+    Args:
+        spec: the validated spec.
+        out: dataset folder (created if missing).
+        force: write into a folder made from another spec (its stale items are regenerated or removed).
+        pipe: an already loaded pipeline (the spec's model id is then only provenance); None loads it.
+        shard: this process' part; None detects it (:func:`current_shard`).
+        threads: torch intra-op threads (None: torch's choice); set it for reproducible timing.
+        device: where to run; None: accelerate's device when launched by it, else CUDA if available.
+        progress: show a progress bar on stderr.
+        limit: stop after generating this many items (the rest is left for a rerun).
+        spec_text: the spec file's text, copied into the folder as ``spec_name``.
+        spec_name: file name for ``spec_text``.
+        finalize: run :func:`opendaam.dataset.merge.finalize` when every item of the dataset is finished.
+
+    Returns:
+        A :class:`GenerateResult`.
+
+    Raises:
+        DatasetError: the folder holds another spec's dataset (without ``force``), or cannot be written.
+
+    Example:
+        >>> import tempfile
+        >>> from opendaam.dataset.spec import parse_spec
+        >>> from opendaam.models import build_pipeline
+        >>> spec = parse_spec({"classes": [{"name": "car", "prompts": ["a red {}"]}], "steps": 1,
+        ...                    "height": 32, "width": 32, "outputs": {"formats": []}})
+        >>> result = generate(spec, tempfile.mkdtemp(), pipe=build_pipeline("tiny"), progress=False)
+        >>> result.generated, result.finalized
+        (1, True)
+    """
+    from opendaam.models import generation_defaults, load_pipeline, set_threads
+
+    out = Path(out)
+    shard = shard or current_shard()
+    set_threads(threads)
+    digest = spec_hash(spec)
+    items = expand_items(spec)
+    _claim_folder(out, spec, digest, force, spec_text, spec_name)
+    own_manifest = shard_manifest(out, shard)
+    _repair_own_manifest(own_manifest, digest)
+    done = finished_items(out, digest)
+    todo = [it for it in shard.take(items) if it.index not in done]
+    skipped = len(shard.take(items)) - len(todo)
+    if limit is not None:
+        todo = todo[: max(limit, 0)]
+
+    if todo:
+        if pipe is None:
+            model = spec.model_spec
+            dtype = getattr(torch, model.dtype) if model.dtype else None
+            pipe = load_pipeline(_resolve_model(spec), scheduler=spec.scheduler, dtype=dtype, revision=model.revision)
+            if device is None and shard.state is not None:
+                device = str(shard.state.device)
+            if device is None and torch.cuda.is_available():
+                device = "cuda"
+            if device is not None:
+                pipe = pipe.to(device)
+        elif spec.scheduler is not None:
+            from opendaam.models import make_scheduler
+
+            pipe.scheduler = make_scheduler(spec.scheduler, pipe.scheduler.config)
+        pipe.set_progress_bar_config(disable=True)
+        defaults = generation_defaults(pipe)
+        call = {
+            "num_inference_steps": spec.steps or defaults["num_inference_steps"],
+            "guidance_scale": spec.guidance if spec.guidance is not None else defaults["guidance_scale"],
+            "height": spec.height or defaults["height"],
+            "width": spec.width or defaults["width"],
+        }
+        _generate_items(spec, out, pipe, todo, call, digest, own_manifest, shard, progress)
+
+    finalized = False
+    if shard.world > 1 and shard.state is not None:
+        shard.state.wait_for_everyone()  # accelerate: every shard is finished before process 0 merges
+    complete = len(finished_items(out, digest)) == len(items)
+    if finalize and complete and (shard.world == 1 or (shard.state is not None and shard.rank == 0)):
+        from opendaam.dataset.merge import finalize as run_finalize
+
+        run_finalize(out)
+        finalized = True
+    return GenerateResult(out, len(todo), skipped, len(items), shard, finalized)
+
+
+def _generate_items(spec: DatasetSpec, out: Path, pipe, todo: list[Item], call: dict, digest: str,
+                    manifest: Path, shard: Shard, progress: bool) -> None:
+    """The generation loop: generate, label, write files, then append the manifest line."""
+    from tqdm.auto import tqdm
+
+    from opendaam.tracing import TraceConfig, trace
+
+    config = TraceConfig(daam=spec.method == "daam", queries=spec.method == "open_vocab",
+                         linear=spec.method == "linear")
+    queries = _class_queries(spec, pipe)
+    ids = {c["name"]: c["id"] for c in class_table(spec)}
+    low, high = spec.thresholds.low, spec.thresholds.high
+    desc = "dataset" if shard.world == 1 else f"dataset {shard.rank}/{shard.world}"
+    bar = tqdm(todo, desc=desc, unit="img", disable=not progress, file=sys.stderr, dynamic_ncols=True)
+    provenance = None
+    for item in bar:
+        start = time.perf_counter()
+        generator = torch.Generator().manual_seed(item.seed)
+        with trace(pipe, config, prompt=item.prompt, meta={"seed": item.seed, "dataset_index": item.index}) as tracer:
+            result = pipe(item.prompt, generator=generator, output_type="np", **call)
+        record = tracer.records[0]
+        generated = time.perf_counter()
+
+        scores = class_scores(record, spec, item.classes, queries, pipe)  # (classes, H, W) float16
+        item_ids = [ids[name] for name in item.classes]
+        labels = label_map(scores.astype(np.float32), item_ids, low, high)  # (H, W) uint8
+        stats = mask_stats(labels, scores, item_ids, item.classes)
+        image = (np.clip(result.images[0], 0.0, 1.0) * 255).round().astype(np.uint8)  # (H, W, 3)
+        labelled = time.perf_counter()
+
+        files = item_files(item.key)
+        label_png = png_bytes(labels)
+        atomic_write(out / files["image"], png_bytes(image))
+        atomic_write(out / files["maps"], npz_bytes(dict(zip(item.classes, scores, strict=True))))
+        atomic_write(out / files["label"], label_png)
+        if provenance is None:
+            provenance = _provenance(spec, digest, call, pipe, record)
+        total = labels.size
+        entry = {
+            "index": item.index, "key": item.key, "prompt": item.prompt, "template": item.template,
+            "seed": item.seed, "classes": list(item.classes), "files": files,
+            "label_sha256": hashlib.sha256(label_png).hexdigest(), "masks": stats,
+            "background": round(float((labels == 0).sum()) / total, 6),
+            "ignored": round(float((labels == 255).sum()) / total, 6),
+            "provenance": provenance,
+        }
+        written = time.perf_counter()
+        entry[TIMING_KEY] = {"generate_s": round(generated - start, 4), "label_s": round(labelled - generated, 4),
+                             "write_s": round(written - labelled, 4)}
+        append_line(manifest, entry)  # last: the item counts as finished only once its files exist
+        del record, tracer

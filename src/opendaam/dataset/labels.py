@@ -1,0 +1,119 @@
+"""From per-class normalized maps to label maps, mask statistics and instances (connected components)."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+
+from opendaam.dataset.cityscapes import IGNORE
+
+__all__ = ["BACKGROUND", "IGNORE", "connected_components", "label_map", "mask_stats"]
+
+BACKGROUND = 0
+"""Label of pixels where no class map reaches the low threshold."""
+
+
+def label_map(scores: np.ndarray, ids: Sequence[int], low: float, high: float) -> np.ndarray:
+    """Label each pixel by its best class map: the class above ``high``, background below ``low``, else 255.
+
+    Args:
+        scores: ``(classes, H, W)`` normalized maps in [0, 1].
+        ids: label id of each map (1..K; 0 is background, 255 ignore).
+        low: below it (best map) a pixel is background.
+        high: at or above it a pixel gets the best map's class; in between it is ignored (255).
+
+    Returns:
+        ``(H, W)`` uint8 label map. Ties go to the earlier map.
+
+    Example:
+        >>> s = np.array([[[0.9, 0.4, 0.1]], [[0.2, 0.1, 0.0]]])
+        >>> label_map(s, [1, 2], low=0.3, high=0.5).tolist()
+        [[1, 255, 0]]
+    """
+    if scores.ndim != 3 or scores.shape[0] != len(ids):
+        raise ValueError(f"scores must be (classes, H, W) with one id per class, got {scores.shape} and {len(ids)}")
+    lut = np.asarray(ids, dtype=np.uint8)  # (classes,) map position -> label id
+    best = scores.argmax(axis=0)  # (H, W) position of the strongest map
+    peak = scores.max(axis=0)  # (H, W) its value
+    labels = np.where(peak >= high, lut[best], np.uint8(IGNORE)).astype(np.uint8)  # (H, W)
+    labels[peak < low] = BACKGROUND
+    return labels
+
+
+def mask_stats(labels: np.ndarray, scores: np.ndarray, ids: Sequence[int], names: Sequence[str]) -> list[dict]:
+    """Per class: pixel count, area fraction and confidence (mean normalized score over its pixels).
+
+    Example:
+        >>> labels = np.array([[1, 1, 0, 255]], dtype=np.uint8)
+        >>> s = np.array([[[0.8, 0.6, 0.1, 0.4]]])
+        >>> mask_stats(labels, s, [1], ["car"])
+        [{'class': 'car', 'id': 1, 'pixels': 2, 'area': 0.5, 'confidence': 0.7, 'peak': 0.8}]
+    """
+    total = labels.size
+    stats = []
+    for i, (label_id, name) in enumerate(zip(ids, names, strict=True)):
+        mask = labels == label_id  # (H, W) bool
+        pixels = int(mask.sum())
+        confidence = float(scores[i][mask].astype(np.float64).mean()) if pixels else 0.0
+        stats.append({
+            "class": name, "id": int(label_id), "pixels": pixels, "area": round(pixels / total, 6),
+            "confidence": round(confidence, 6), "peak": round(float(scores[i].max()), 6),
+        })
+    return stats
+
+
+def connected_components(mask: np.ndarray, connectivity: int = 8) -> tuple[np.ndarray, int]:
+    """Label the connected components of a boolean mask (row runs joined with a union-find).
+
+    Args:
+        mask: ``(H, W)`` bool.
+        connectivity: 4 (edge neighbours) or 8 (edge and corner neighbours).
+
+    Returns:
+        ``(H, W)`` int32 component ids (0 outside the mask, 1..n in raster order of first pixel) and n.
+
+    Example:
+        >>> m = np.array([[1, 0, 1], [0, 1, 0], [0, 0, 0]], dtype=bool)
+        >>> connected_components(m, 8)[1], connected_components(m, 4)[1]
+        (1, 3)
+    """
+    if connectivity not in (4, 8):
+        raise ValueError(f"connectivity must be 4 or 8, not {connectivity}")
+    mask = np.asarray(mask, dtype=bool)
+    height, width = mask.shape
+    reach = 1 if connectivity == 8 else 0
+    parent: list[int] = []
+    runs: list[tuple[int, int, int]] = []  # (row, start, stop)
+    previous: list[int] = []  # run indices of the previous row
+
+    def find(a: int) -> int:
+        while parent[a] != a:
+            parent[a] = parent[parent[a]]
+            a = parent[a]
+        return a
+
+    for row in range(height):
+        line = mask[row].astype(np.int8)
+        edges = np.flatnonzero(np.diff(np.concatenate(([0], line, [0]))))  # run starts and stops
+        current = []
+        for start, stop in zip(edges[::2].tolist(), edges[1::2].tolist(), strict=True):
+            index = len(runs)
+            runs.append((row, start, stop))
+            parent.append(index)
+            for other in previous:
+                _, o_start, o_stop = runs[other]
+                if o_start < stop + reach and start < o_stop + reach:  # overlapping (or touching corners)
+                    a, b = find(index), find(other)
+                    if a != b:
+                        parent[max(a, b)] = min(a, b)
+            current.append(index)
+        previous = current
+    out = np.zeros((height, width), dtype=np.int32)  # (H, W) component ids
+    names: dict[int, int] = {}
+    for index, (row, start, stop) in enumerate(runs):
+        root = find(index)
+        if root not in names:
+            names[root] = len(names) + 1
+        out[row, start:stop] = names[root]
+    return out, len(names)
