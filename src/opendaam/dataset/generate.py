@@ -73,6 +73,10 @@ def current_shard(rank: int | None = None, world: int | None = None) -> Shard:
     """The shard of this process: explicit values, else accelerate's ``PartialState`` when the process was
     started by ``accelerate launch``, else the ``RANK`` / ``WORLD_SIZE`` environment variables, else 0 of 1.
 
+    When accelerate's state disagrees with ``WORLD_SIZE`` (it reports one process when it set up no process
+    group, e.g. CPU-only machines launched with ``--multi_gpu``), the environment variables win and the
+    shards are joined with ``opendaam dataset merge``.
+
     Example:
         >>> current_shard(2, 4)
         Shard(rank=2, world=4, state=None)
@@ -83,7 +87,10 @@ def current_shard(rank: int | None = None, world: int | None = None) -> Shard:
             from accelerate import PartialState
 
             state = PartialState()
-            rank, world = state.process_index, state.num_processes
+            if "WORLD_SIZE" in os.environ and state.num_processes != int(os.environ["WORLD_SIZE"]):
+                state = None  # no process group (e.g. CPU-only under --multi_gpu): trust the launcher's variables
+            else:
+                rank, world = state.process_index, state.num_processes
         except ImportError:
             state = None
     if world is None:
