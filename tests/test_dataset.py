@@ -7,6 +7,7 @@ import os
 import signal
 import subprocess
 import sys
+import textwrap
 import time
 from pathlib import Path
 
@@ -283,3 +284,54 @@ def test_check_lists_items(setup, capsys):
     assert out[0].startswith(f"{setup / 'spec.yaml'}: valid; 3 classes, 3 prompts x 4 seeds = 12 items")
     assert out[9] == "000008\tseed 0\ta car and a person next to a tree\t[car, person, tree]"
 
+
+
+@pytest.mark.parametrize("method", ["linear", "open_vocab"])
+def test_word_and_token_maps_match_heatmaps(setup, tmp_path, method):
+    import torch
+
+    from opendaam.heatmaps import heatmaps
+    from opendaam.models import load_pipeline
+    from opendaam.optimize import OptimizedToken, load_token
+    from opendaam.tracing import trace
+
+    rows = 1 if method == "linear" else 2  # open_vocab tokens carry an object and a background row
+    token = OptimizedToken(torch.randn(rows, 32, generator=torch.Generator().manual_seed(3)), "car",
+                           {"text_dim": 32, "method": method})
+    token.save(tmp_path / "car.safetensors")
+    (tmp_path / "spec.yaml").write_text(textwrap.dedent(f"""\
+        model: {setup / 'tiny'}
+        steps: 2
+        height: 32
+        width: 32
+        seeds: [7]
+        method: {method}
+        classes:
+          - name: car
+            words: [car, automobile]
+            token: car.safetensors
+          - name: tree
+        prompts: ["a {{car}} near a {{tree}}"]
+        outputs: {{formats: []}}
+        """))
+    out = tmp_path / "out"
+    assert cli("generate", str(tmp_path / "spec.yaml"), "--out", str(out), "--threads", "1", "--no-progress") == 0
+    maps = read_npz(out / "maps" / "000000.npz")
+
+    pipe = load_pipeline(setup / "tiny")
+    pipe.set_progress_bar_config(disable=True)
+    with trace(pipe, prompt="a car near a tree", queries=method == "open_vocab") as tracer:
+        pipe("a car near a tree", generator=torch.Generator().manual_seed(7), num_inference_steps=2, height=32,
+             width=32, output_type="np")
+    record = tracer.records[0]
+    queries = {"car": ["car", "automobile", load_token(tmp_path / "car.safetensors", pipe=pipe)], "tree": ["tree"]}
+    for name, words in queries.items():
+        soft = torch.stack([heatmaps(record, [w], method, pipe=pipe).soft[0] for w in words]).mean(0)  # (H, W)
+        if method == "linear":
+            expected = (soft - soft.min()) / (soft.max() - soft.min())
+        else:
+            expected = soft / soft.max()
+        assert np.allclose(maps[name].astype(np.float32), expected.detach().numpy(), atol=2e-3), name
+    manifest = json.loads((out / "manifest.jsonl").read_text())
+    assert manifest["provenance"]["normalize"] == ("minmax" if method == "linear" else "max")
+    assert not (out / "cityscapes").exists() and not (out / "coco").exists()

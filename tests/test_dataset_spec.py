@@ -212,3 +212,21 @@ def test_npz_is_reproducible_and_loads_without_pickle():
     loaded = read_npz(data)
     assert list(loaded) == ["car", "traffic light"] and np.array_equal(loaded["car"], arrays["car"])
     assert json.loads(json.dumps(loaded["car"].shape)) == [3, 4]
+
+
+def test_shard_from_environment(monkeypatch):
+    from opendaam.dataset import Shard, current_shard
+    from opendaam.dataset.spec import Item
+
+    monkeypatch.delenv("ACCELERATE_MIXED_PRECISION", raising=False)
+    monkeypatch.setenv("RANK", "2")
+    monkeypatch.setenv("WORLD_SIZE", "3")
+    assert current_shard() == Shard(2, 3)
+    monkeypatch.delenv("RANK")
+    monkeypatch.delenv("WORLD_SIZE")
+    assert current_shard() == Shard(0, 1)
+    items = [Item(i, "p", "p", 0, ()) for i in range(10)]
+    taken = [[it.index for it in Shard(r, 3).take(items)] for r in range(3)]
+    assert sorted(sum(taken, [])) == list(range(10)) and taken[1] == [1, 4, 7]
+    with pytest.raises(ValueError, match="bad shard: process 3 of 3"):
+        current_shard(3, 3)

@@ -253,12 +253,16 @@ def class_scores(record, spec: DatasetSpec, classes: tuple[str, ...], queries: d
 
     A class with several words (or a token) gets the mean of their raw maps, normalized once
     (``max`` for DAAM and open_vocab, ``minmax`` for linear unless the spec says otherwise).
+    Open-vocabulary maps are computed one query at a time, so that a class' map does not depend on the
+    other classes of the image (their words would join the context prompt X').
     """
     from opendaam.heatmaps import Heatmaps, heatmaps
 
     flat = [q for name in classes for q in queries[name]]
-    maps = heatmaps(record, flat, spec.method, pipe=pipe)
-    latent = maps.latent.detach().float()  # (queries, h, w)
+    groups = [[q] for q in flat] if spec.method == "open_vocab" else [flat]
+    parts = [heatmaps(record, group, spec.method, pipe=pipe) for group in groups]
+    maps = parts[0]
+    latent = torch.cat([p.latent.detach().float() for p in parts])  # (queries, h, w)
     pooled, start = [], 0
     for name in classes:
         count = len(queries[name])
