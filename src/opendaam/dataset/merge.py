@@ -103,8 +103,8 @@ def _merge_entries(out: Path, digest: str, expected: int) -> list[dict]:
 def _remove_stale(out: Path, entries: Sequence[dict], written: set[Path], digest: str) -> None:
     """Remove item files no entry lists, export files not written now, and shard manifests of other specs."""
     listed = {(out / rel).resolve() for e in entries for rel in e["files"].values()}
-    for folder in ITEM_FOLDERS:
-        for path in (out / folder).glob("*") if (out / folder).exists() else []:
+    for folder in ITEM_FOLDERS:  # only files named like items: other files someone put there stay
+        for path in (out / folder).glob("[0-9][0-9][0-9][0-9][0-9][0-9]*.*") if (out / folder).exists() else []:
             if path.is_file() and path.resolve() not in listed:
                 path.unlink()
     for folder in ("cityscapes", "coco"):
