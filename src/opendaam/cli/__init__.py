@@ -8,7 +8,7 @@ import sys
 
 __all__ = ["main"]
 
-SUBCOMMANDS = ["demo", "generate", "optimize", "nearest", "evaluate", "experiment"]
+SUBCOMMANDS = ["demo", "generate", "optimize", "nearest", "evaluate", "experiment", "dataset"]
 """Subcommand modules of :mod:`opendaam.cli`, in the order ``--help`` lists them."""
 
 
