@@ -8,7 +8,7 @@ import sys
 
 __all__ = ["main"]
 
-SUBCOMMANDS = ["demo", "generate", "optimize", "nearest", "evaluate", "experiment", "dataset"]
+SUBCOMMANDS = ["demo", "generate", "optimize", "nearest", "evaluate", "experiment", "dataset", "toyworld"]
 """Subcommand modules of :mod:`opendaam.cli`, in the order ``--help`` lists them."""
 
 

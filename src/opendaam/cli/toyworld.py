@@ -1,0 +1,59 @@
+"""``opendaam toyworld``: render scenes of the procedural urban world; train the toy-urban model."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+__all__ = ["add_parser", "run_render", "run_train"]
+
+
+def add_parser(sub) -> None:
+    """Register ``toyworld render`` and ``toyworld train``."""
+    p = sub.add_parser("toyworld", help="the procedural urban world and its model", description=__doc__)
+    inner = p.add_subparsers(dest="action", required=True)
+    r = inner.add_parser("render", help="write a scene's image, label map and caption")
+    r.add_argument("--seed", type=int, nargs="+", default=[0])
+    r.add_argument("--class", dest="cls", default=None, help="force the main object's class")
+    r.add_argument("--out", required=True)
+    r.set_defaults(run=run_render)
+    t = inner.add_parser("train", help="train toy-urban (resumes from the checkpoints in --out)")
+    t.add_argument("--out", required=True)
+    t.add_argument("--threads", type=int, default=1)
+    t.add_argument("--unet-steps", type=int, default=None)
+    t.add_argument("--vae-steps", type=int, default=None)
+    t.add_argument("--scenes", type=int, default=None)
+    t.set_defaults(run=run_train)
+
+
+def run_render(args) -> int:
+    """Write ``<seed>.png``, ``<seed>_labels.png`` (Cityscapes ids), ``<seed>_color.png`` and captions."""
+    from PIL import Image
+
+    from opendaam.toyworld.scene import colorize_labels, render_scene
+
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    captions = {}
+    for seed in args.seed:
+        scene = render_scene(seed, cls=args.cls)
+        scene.pil().save(out / f"{seed}.png")
+        Image.fromarray(scene.labels).save(out / f"{seed}_labels.png")
+        Image.fromarray(colorize_labels(scene.labels)).save(out / f"{seed}_color.png")
+        captions[str(seed)] = {"caption": scene.caption, "class": scene.cls}
+    (out / "captions.json").write_text(json.dumps(captions, indent=1))
+    print(f"wrote {len(args.seed)} scenes to {out}")
+    return 0
+
+
+def run_train(args) -> int:
+    """Train or resume."""
+    from dataclasses import replace
+
+    from opendaam.toyworld.train import TrainConfig, train
+
+    overrides = {k: v for k, v in dict(unet_steps=args.unet_steps, vae_steps=args.vae_steps,
+                                       scenes=args.scenes).items() if v is not None}
+    final = train(args.out, replace(TrainConfig(), **overrides), threads=args.threads)
+    print(f"saved the pipeline to {final}")
+    return 0

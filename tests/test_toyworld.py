@@ -1,0 +1,77 @@
+"""The procedural world and the toy-urban architecture (no training here)."""
+
+import numpy as np
+import pytest
+import torch
+
+from opendaam.toyworld.model import ToyConfig, build_toy_pipeline, toy_components
+from opendaam.toyworld.scene import CLASSES, LABEL_IDS, WorldConfig, render_scene
+from opendaam.toyworld.train import caption_gap, render_dataset
+
+
+def test_same_seed_same_scene_masks_caption():
+    a, b = render_scene(123), render_scene(123)
+    assert np.array_equal(a.image, b.image) and np.array_equal(a.labels, b.labels) and a.caption == b.caption
+    c = render_scene(124)
+    assert not np.array_equal(a.image, c.image)
+
+
+def test_label_ids_are_cityscapes():
+    ids = set()
+    for seed in range(40):
+        ids |= set(np.unique(render_scene(seed).labels).tolist())
+    assert ids <= set(LABEL_IDS.values())
+    assert {7, 8, 11, 23} <= ids  # road, sidewalk, building, sky in every street
+
+
+@pytest.mark.parametrize("cls", CLASSES)
+def test_main_object_is_large(cls):
+    fractions = [render_scene(seed, cls=cls).mask(cls).mean() for seed in range(30)]
+    assert min(fractions) > 0.02 and 0.05 < float(np.mean(fractions)) < 0.4
+
+
+def test_annotation_rules():
+    light = render_scene(5, cls="traffic light")
+    assert light.mask("pole").any() and not (light.mask("pole") & light.mask("traffic light")).any()
+    rider = render_scene(5, cls="rider")
+    vehicle = rider.mask("bicycle") | rider.mask("motorcycle")
+    assert vehicle.any() and rider.mask("rider").any() and not (vehicle & rider.mask("rider")).any()
+
+
+def test_captions_follow_the_recipe():
+    captions = [render_scene(seed).caption for seed in range(400)]
+    template = sum(c.endswith("in an urban environment") and c.count(" ") == 5 or
+                   c == "a traffic light in an urban environment" for c in captions) / len(captions)
+    empty = sum(c == "" for c in captions) / len(captions)
+    assert 0.5 < template < 0.85 and 0.04 < empty < 0.18
+    assert WorldConfig().template_share == 0.7
+
+
+def test_architecture_round_trip(tmp_path):
+    parts = toy_components(ToyConfig(), seed=0)
+    assert parts["text_encoder"].config.num_hidden_layers == 0
+    pipe = build_toy_pipeline(parts)
+    assert pipe.vae_scale_factor == 4 and pipe.unet.config.sample_size == 16
+    pipe.save_pretrained(tmp_path)
+    from opendaam.models import cross_attention_layers, load_pipeline
+
+    loaded = load_pipeline(tmp_path)
+    loaded.set_progress_bar_config(disable=True)
+    names = list(cross_attention_layers(loaded.unet))
+    assert any(n.startswith("mid_block") for n in names) and any(n.startswith("down_blocks.2") for n in names)
+    image = loaded("a car", num_inference_steps=2, output_type="np",
+                   generator=torch.Generator().manual_seed(0)).images
+    assert image.shape == (1, 64, 64, 3)
+
+
+def test_caption_gap_is_zero_for_a_text_blind_model():
+    parts = toy_components(ToyConfig(), seed=0)
+    images, _, classes = render_dataset([10**6 + i for i in range(4)], list(CLASSES))
+    with torch.no_grad():
+        latents = parts["vae"].encode(images).latent_dist.mean
+    zero_text = parts["text_encoder"]
+    with torch.no_grad():
+        for p in zero_text.parameters():
+            p.zero_()
+    gap = caption_gap(parts["unet"], zero_text, parts["tokenizer"], latents, classes, parts["scheduler"])
+    assert gap["wrong_gap"] == pytest.approx(0.0, abs=1e-6) and gap["empty_gap"] == pytest.approx(0.0, abs=1e-6)
