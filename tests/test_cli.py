@@ -123,7 +123,7 @@ def test_experiment_with_user_masks_then_evaluate(model_dir, tmp_path, capsys):
                  "--methods", "daam", "linear_opt", "--tokens", str(out / "tokens"), "--train", "1",
                  "--per-layer", "--per-step", "--out", str(ev)]) == 0
     rows = (ev / "max_miou.csv").read_text().splitlines()
-    assert rows[0] == "class,daam,linear_opt,class_prior,center_box,random"
+    assert rows[0] == "class,daam,linear_opt,class_prior,center_box,random,control_word"
     assert len(rows) == 3  # car and all
     ablation = json.loads((ev / "ablation.json").read_text())
     assert np.array(ablation["miou"]).shape == (5, 2)

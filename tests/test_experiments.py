@@ -48,7 +48,8 @@ def thesis(img2img, tmp_path_factory):
 def test_tables_have_the_thesis_shape(thesis):
     out, summary = thesis
     methods = summary["methods"]
-    assert list(methods) == ["daam", "linear", "daam_opt", "linear_opt", "class_prior", "center_box", "random"]
+    assert list(methods) == ["daam", "linear", "daam_opt", "linear_opt", "class_prior", "center_box", "random",
+                             "control_word"]
     for rows in methods.values():
         assert list(rows) == ["car", "traffic light", "all"]
         for cls, row in rows.items():
@@ -58,7 +59,7 @@ def test_tables_have_the_thesis_shape(thesis):
                 assert row["images"] == 2 and len(row["curve"]) == 21 and len(row["band"]) == 21
     assert list(summary["train_vs_test"]) == ["1", "2"]
     header = (out / "max_miou.csv").read_text().splitlines()[0]
-    assert header == "class,daam,linear,daam_opt,linear_opt,class_prior,center_box,random"
+    assert header == "class,daam,linear,daam_opt,linear_opt,class_prior,center_box,random,control_word"
     assert len((out / "auc.csv").read_text().splitlines()) == 4
     assert "Table 4.1" in (out / "tables.md").read_text()
     assert len(list((out / "tokens").glob("*.safetensors"))) == 2 * 2 * 2

@@ -56,6 +56,9 @@ THESIS_CLASSES = ("car", "person", "traffic light", "rider")
 TEMPLATE = "a {} in an urban environment"
 """The thesis' prompt template."""
 
+CONTROL_WORD = "environment"
+"""A word of the template that names no object: its DAAM map is a baseline a class word must beat."""
+
 
 @dataclass(frozen=True)
 class Item:
@@ -262,6 +265,11 @@ def _center_box(record: Record, cls: str, ctx: _Context) -> Tensor:
     return box
 
 
+def _control_word(record: Record, cls: str, ctx: _Context) -> Tensor:
+    """DAAM of a prompt word that names no object ("environment" in the thesis template)."""
+    return heatmaps(record, CONTROL_WORD).soft[0]
+
+
 def _random(record: Record, cls: str, ctx: _Context) -> Tensor:
     gen = torch.Generator().manual_seed(ctx.seed + int(record.meta.get("seed", 0)) * 7919 + len(cls))
     return torch.rand(tuple(record.image_size), generator=gen)
@@ -280,6 +288,7 @@ BASELINES: dict[str, tuple[Callable[[Record, str, _Context], Tensor], str]] = {
     "class_prior": (_prior, "max"),
     "center_box": (_center_box, "max"),
     "random": (_random, "max"),
+    "control_word": (_control_word, "max"),
 }
 """Baselines reported beside every evaluation."""
 
@@ -332,15 +341,24 @@ def evaluate(
     ctx = _Context(pipe=pipe, tokens=dict(tokens or {}), priors=dict(priors or {}))
     curves: dict[str, dict[str, list[Tensor]]] = {m: {} for m in table}
     ids: dict[str, list[str]] = {}
+    dropped: set[str] = set()
     for item in items:
         record = (records or {}).get(item.id) or load_record(root / item.record)
         mask = read_mask(root / item.mask, record.image_size)
         ids.setdefault(item.cls, []).append(item.id)
         for name, (fn, kind) in table.items():
-            with torch.no_grad():
-                soft = fn(record, item.cls, ctx).float()
+            if name in dropped:
+                continue
+            try:
+                with torch.no_grad():
+                    soft = fn(record, item.cls, ctx).float()
+            except KeyError:
+                if name != "control_word":
+                    raise
+                dropped.add(name)  # the control word is not in every prompt: no such baseline here
+                continue
             curves[name].setdefault(item.cls, []).append(threshold_curve(soft[None], mask[None], taus, kind))
-    stacked = {m: {c: torch.cat(v, dim=1) for c, v in per.items()} for m, per in curves.items()}
+    stacked = {m: {c: torch.cat(v, dim=1) for c, v in per.items()} for m, per in curves.items() if m not in dropped}
     return Evaluation(thresholds=taus, curves=stacked, ids=ids)
 
 
