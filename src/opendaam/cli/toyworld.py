@@ -9,7 +9,15 @@ __all__ = ["add_parser", "run_render", "run_train"]
 
 
 def add_parser(sub) -> None:
-    """Register ``toyworld render`` and ``toyworld train``."""
+    """Register ``toyworld render`` and ``toyworld train``.
+
+    Example:
+        >>> import argparse
+        >>> root = argparse.ArgumentParser()
+        >>> add_parser(root.add_subparsers(dest="command"))
+        >>> root.parse_args(["toyworld", "render", "--seed", "3", "--out", "x"]).seed
+        [3]
+    """
     p = sub.add_parser("toyworld", help="the procedural urban world and its model", description=__doc__)
     inner = p.add_subparsers(dest="action", required=True)
     r = inner.add_parser("render", help="write a scene's image, label map and caption")
@@ -23,11 +31,20 @@ def add_parser(sub) -> None:
     t.add_argument("--unet-steps", type=int, default=None)
     t.add_argument("--vae-steps", type=int, default=None)
     t.add_argument("--scenes", type=int, default=None)
+    t.add_argument("--minutes", type=float, default=None,
+                   help="pause after this many minutes (checkpointed); rerun the same command to resume")
     t.set_defaults(run=run_train)
 
 
 def run_render(args) -> int:
-    """Write ``<seed>.png``, ``<seed>_labels.png`` (Cityscapes ids), ``<seed>_color.png`` and captions."""
+    """Write ``<seed>.png``, ``<seed>_labels.png`` (Cityscapes ids), ``<seed>_color.png`` and captions.
+
+    Example:
+        >>> import argparse, tempfile
+        >>> run_render(argparse.Namespace(seed=[1, 2], cls=None, out=tempfile.mkdtemp()))  # doctest: +ELLIPSIS
+        wrote 2 scenes to ...
+        0
+    """
     from PIL import Image
 
     from opendaam.toyworld.scene import colorize_labels, render_scene
@@ -47,13 +64,19 @@ def run_render(args) -> int:
 
 
 def run_train(args) -> int:
-    """Train or resume."""
+    """Train or resume (``opendaam toyworld train --out DIR [--minutes M] [--threads 1]``).
+
+    Example:
+        >>> run_train(argparse.Namespace(out="run", threads=1, unet_steps=None, vae_steps=None,
+        ...                              scenes=None, minutes=30))  # doctest: +SKIP
+    """
     from dataclasses import replace
 
     from opendaam.toyworld.train import TrainConfig, train
 
     overrides = {k: v for k, v in dict(unet_steps=args.unet_steps, vae_steps=args.vae_steps,
                                        scenes=args.scenes).items() if v is not None}
-    final = train(args.out, replace(TrainConfig(), **overrides), threads=args.threads)
-    print(f"saved the pipeline to {final}")
+    final = train(args.out, replace(TrainConfig(), **overrides), threads=args.threads,
+                  minutes=getattr(args, "minutes", None))
+    print(f"saved the pipeline to {final}" if final else f"paused; rerun the same command to resume ({args.out})")
     return 0

@@ -18,7 +18,12 @@ __all__ = ["ToyConfig", "build_toy_pipeline", "toy_components"]
 
 @dataclass(frozen=True)
 class ToyConfig:
-    """Sizes of the toy-urban model."""
+    """Sizes of the toy-urban model.
+
+    Example:
+        >>> ToyConfig().unet_channels
+        (32, 64, 128)
+    """
 
     image_size: int = 64  # what the demo shows; the world renders 64 x 64 scenes
     vae_channels: tuple[int, ...] = (16, 32, 32)  # three levels: a factor-4 latent, 16 x 16 x 4; 0.4 s a batch
@@ -70,7 +75,13 @@ def toy_components(config: ToyConfig | None = None, seed: int = 0) -> dict:
 
 
 def build_toy_pipeline(parts: dict):
-    """A ``StableDiffusionPipeline`` from toy components (no safety checker: these are drawings)."""
+    """A ``StableDiffusionPipeline`` from toy components (no safety checker: these are drawings).
+
+    Example:
+        >>> pipe = build_toy_pipeline(toy_components())
+        >>> type(pipe).__name__, pipe.vae_scale_factor
+        ('StableDiffusionPipeline', 4)
+    """
     from diffusers import StableDiffusionPipeline
 
     return StableDiffusionPipeline(**parts, safety_checker=None, feature_extractor=None,

@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from opendaam.toyworld.model import ToyConfig, build_toy_pipeline, toy_components
 from opendaam.toyworld.scene import CLASSES, render_scene, template_caption
 
-__all__ = ["TrainConfig", "caption_gap", "render_dataset", "train"]
+__all__ = ["HELD_OUT", "TrainConfig", "caption_gap", "render_dataset", "train"]
 
 HELD_OUT = 10**6
 """Held-out scenes use seeds from here on; training scenes use 0 .. scenes - 1."""
@@ -29,7 +29,12 @@ HELD_OUT = 10**6
 
 @dataclass(frozen=True)
 class TrainConfig:
-    """How toy-urban is trained."""
+    """How toy-urban is trained (the defaults made the bundled weights).
+
+    Example:
+        >>> TrainConfig().unet_steps, TrainConfig().batch
+        (2400, 32)
+    """
 
     scenes: int = 8000  # training scenes; more than the steps x batch / epochs the budget allows to overfit
     vae_steps: int = 700  # the autoencoder only has to reproduce flat-coloured shapes
@@ -117,8 +122,19 @@ def caption_gap(unet, text_encoder, tokenizer, vae_latents: torch.Tensor, classe
                 t: int = 500, seed: int = 1) -> dict:
     """Denoising loss at timestep ``t`` with the right, a wrong-class and an empty caption.
 
+    The wrong caption is the template with the next class of :data:`CLASSES`; the noise is fixed by
+    ``seed``, so the three losses differ only by the caption.
+
     Returns:
         ``{"right", "wrong", "empty"}`` mean losses and the relative gaps ``wrong_gap``, ``empty_gap``.
+
+    Example:
+        >>> parts = toy_components()
+        >>> z = torch.zeros(2, 4, 16, 16)
+        >>> gap = caption_gap(parts["unet"], parts["text_encoder"], parts["tokenizer"], z, ["car", "rider"],
+        ...                   parts["scheduler"])
+        >>> sorted(gap)
+        ['empty', 'empty_gap', 'right', 'wrong', 'wrong_gap']
     """
     gen = torch.Generator().manual_seed(seed)
     noise = torch.randn(vae_latents.shape, generator=gen)
@@ -138,8 +154,29 @@ def caption_gap(unet, text_encoder, tokenizer, vae_latents: torch.Tensor, classe
 
 
 def train(out: str | Path, config: TrainConfig | None = None, model: ToyConfig | None = None,
-          threads: int = 1) -> Path:
-    """Train (or resume training) toy-urban into ``out``; returns the folder of the saved pipeline."""
+          threads: int = 1, minutes: float | None = None) -> Path | None:
+    """Train (or resume training) toy-urban into ``out``; returns the folder of the saved pipeline.
+
+    Phases: render the training scenes, train the autoencoder and encode every scene once
+    (``out/vae.pt``), train U-Net and text encoder on the cached latents (``out/unet.pt``, written
+    atomically every ``checkpoint_seconds``), log loss and caption gap to ``out/log.jsonl``, save the
+    pipeline with ``save_pretrained`` (safetensors) to ``out/pipeline``. Rerunning resumes; the result
+    depends only on the configs, not on interruptions.
+
+    Args:
+        out: the run folder.
+        config: the training recipe.
+        model: the architecture sizes.
+        threads: torch intra-op threads, set explicitly (1 beside another job on 2 cores).
+        minutes: pause (after writing a checkpoint) once this many minutes have passed; ``None`` runs
+            to the end.
+
+    Returns:
+        The pipeline folder, or ``None`` if the run paused before its last step.
+
+    Example:
+        >>> train("/tmp/toy-urban-run", TrainConfig(unet_steps=10), minutes=5)  # doctest: +SKIP
+    """
     cfg = config or TrainConfig()
     model = model or ToyConfig()
     torch.set_num_threads(threads)
@@ -233,6 +270,9 @@ def train(out: str | Path, config: TrainConfig | None = None, model: ToyConfig |
             _atomic_save({"unet": unet.state_dict(), "text": text_encoder.state_dict(), "opt": opt.state_dict(),
                           "step": step}, ckpt)
             last_save = time.perf_counter()
+            if minutes is not None and last_save - started > 60 * minutes and step < cfg.unet_steps:
+                log({"phase": "paused", "step": step})
+                return None
 
     # 4. the pipeline, saved once
     unet.eval()
