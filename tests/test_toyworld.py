@@ -103,3 +103,35 @@ def test_caption_gap_is_zero_for_a_text_blind_model():
             p.zero_()
     gap = caption_gap(parts["unet"], zero_text, parts["tokenizer"], latents, classes, parts["scheduler"])
     assert gap["wrong_gap"] == pytest.approx(0.0, abs=1e-6) and gap["empty_gap"] == pytest.approx(0.0, abs=1e-6)
+
+
+def test_annotator_outputs_cityscapes_ids():
+    from opendaam.toyworld.annotate import SegNet, annotate
+
+    labels = annotate([render_scene(s).image for s in range(2)], SegNet())
+    assert labels.shape == (2, 64, 64) and set(np.unique(labels).tolist()) <= set(LABEL_IDS.values())
+
+
+def test_img2img_scene_returns_the_rendered_labels():
+    from diffusers import StableDiffusionImg2ImgPipeline
+
+    from opendaam.toyworld.annotate import img2img_scene
+
+    pipe = StableDiffusionImg2ImgPipeline(**toy_components(ToyConfig(), seed=0), safety_checker=None,
+                                          feature_extractor=None, requires_safety_checker=False)
+    pipe.set_progress_bar_config(disable=True)
+    image, labels, scene = img2img_scene(pipe, 10**6, cls="car", strength=0.5, num_inference_steps=2)
+    assert image.size == (64, 64) and np.array_equal(labels, render_scene(10**6, cls="car").labels)
+
+
+def test_bundled_model_is_deterministic():
+    from opendaam.models import BUNDLED_MODELS, load_pipeline
+
+    if not (BUNDLED_MODELS["toy-urban"] / "model_index.json").exists():
+        pytest.skip("toy-urban weights not installed")
+    pipe = load_pipeline("toy-urban")
+    pipe.set_progress_bar_config(disable=True)
+    assert pipe.unet.config.sample_size * pipe.vae_scale_factor == 64
+    runs = [pipe("a car in an urban environment", num_inference_steps=4, output_type="np",
+                 generator=torch.Generator().manual_seed(0)).images for _ in range(2)]
+    assert runs[0].shape == (1, 64, 64, 3) and np.array_equal(runs[0], runs[1])

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-__all__ = ["add_parser", "run_render", "run_train"]
+__all__ = ["add_parser", "run_render", "run_train", "run_train_annotator"]
 
 
 def add_parser(sub) -> None:
@@ -34,6 +34,12 @@ def add_parser(sub) -> None:
     t.add_argument("--minutes", type=float, default=None,
                    help="pause after this many minutes (checkpointed); rerun the same command to resume")
     t.set_defaults(run=run_train)
+    a = inner.add_parser("train-annotator", help="train the segmentation net that labels generated images")
+    a.add_argument("--out", required=True, help="folder for model.safetensors and config.json")
+    a.add_argument("--pipeline", default="toy-urban", help="pipeline whose autoencoder blurs half the scenes")
+    a.add_argument("--steps", type=int, default=600)
+    a.add_argument("--threads", type=int, default=1)
+    a.set_defaults(run=run_train_annotator)
 
 
 def run_render(args) -> int:
@@ -67,6 +73,7 @@ def run_train(args) -> int:
     """Train or resume (``opendaam toyworld train --out DIR [--minutes M] [--threads 1]``).
 
     Example:
+        >>> import argparse
         >>> run_train(argparse.Namespace(out="run", threads=1, unet_steps=None, vae_steps=None,
         ...                              scenes=None, minutes=30))  # doctest: +SKIP
     """
@@ -79,4 +86,27 @@ def run_train(args) -> int:
     final = train(args.out, replace(TrainConfig(), **overrides), threads=args.threads,
                   minutes=getattr(args, "minutes", None))
     print(f"saved the pipeline to {final}" if final else f"paused; rerun the same command to resume ({args.out})")
+    return 0
+
+
+def run_train_annotator(args) -> int:
+    """Train the segmentation annotator and print its per-class IoU on held-out rendered scenes.
+
+    Example:
+        >>> import argparse
+        >>> run_train_annotator(argparse.Namespace(out="ann", pipeline="toy-urban", steps=600,
+        ...                                        threads=1))  # doctest: +SKIP
+    """
+    import torch
+
+    from opendaam.models import load_pipeline
+    from opendaam.toyworld.annotate import HELD_OUT_ANNOTATOR, evaluate_annotator, train_annotator
+
+    torch.set_num_threads(args.threads)
+    vae = load_pipeline(args.pipeline).vae.float().eval()
+    net = train_annotator(args.out, vae=vae, steps=args.steps, threads=args.threads)
+    seeds = range(HELD_OUT_ANNOTATOR, HELD_OUT_ANNOTATOR + 256)
+    report = {"rendered": evaluate_annotator(net, seeds), "autoencoded": evaluate_annotator(net, seeds, vae)}
+    (Path(args.out) / "iou.json").write_text(json.dumps(report, indent=1))
+    print(json.dumps(report, indent=1))
     return 0
