@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from opendaam.toyworld.model import ToyConfig, build_toy_pipeline, toy_components
 from opendaam.toyworld.scene import CLASSES, render_scene, template_caption
 
-__all__ = ["HELD_OUT", "TrainConfig", "caption_gap", "render_dataset", "train"]
+__all__ = ["HELD_OUT", "TrainConfig", "caption_gap", "export_pipeline", "render_dataset", "train"]
 
 HELD_OUT = 10**6
 """Held-out scenes use seeds from here on; training scenes use 0 .. scenes - 1."""
@@ -288,3 +288,31 @@ def train(out: str | Path, config: TrainConfig | None = None, model: ToyConfig |
     log({"phase": "done", "steps": step, "minutes": round((time.perf_counter() - started) / 60, 1),
          "unet_params": sum(p.numel() for p in unet.parameters()), "scaling_factor": scaling})
     return final
+
+
+def export_pipeline(source: str | Path, dest: str | Path) -> Path:
+    """Copy a trained pipeline folder to ``dest`` with the U-Net and VAE in fp16 (safetensors, one copy).
+
+    The text encoder stays fp32: transformers loads a checkpoint in its stored dtype, and an fp16 text
+    encoder would hand fp16 states to the fp32 U-Net that diffusers makes from fp16 weights.
+
+    Example:
+        >>> export_pipeline("/tmp/toy-train/pipeline", "src/opendaam/assets/toy-urban")  # doctest: +SKIP
+    """
+    import shutil
+
+    from diffusers import DiffusionPipeline
+
+    source, dest = Path(source), Path(dest)
+    pipe = DiffusionPipeline.from_pretrained(str(source))
+    pipe.unet.to(torch.float16)
+    pipe.vae.to(torch.float16)
+    tmp = dest.with_name(dest.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    pipe.save_pretrained(tmp, safe_serialization=True)
+    for extra in source.glob("*.json"):
+        if extra.name != "model_index.json":
+            shutil.copy(extra, tmp / extra.name)
+    shutil.rmtree(dest, ignore_errors=True)
+    os.replace(tmp, dest)
+    return dest
