@@ -52,9 +52,9 @@ def synthetic_record(unet, size: int, calls: int, seed: int = 0) -> Record:
         info = LayerInfo(name=name, heads=attn.heads, head_dim=inner // attn.heads, scale=float(attn.scale),
                          height=lh, width=lw)
         layers[name] = info
-        q = torch.randn(calls, lh * lw, inner, generator=gen).to(torch.float16)  # (S, N, inner)
+        q = torch.randn(calls, info.heads, lh * lw, info.head_dim, generator=gen).to(torch.float16)  # (S, H, N, d)
         queries[name] = q
-        sums[name] = q.float().sum(0)  # (N, inner)
+        sums[name] = q.float().sum(0).transpose(0, 1).reshape(lh * lw, inner)  # (N, inner)
     keys = {name: attn.to_k for name, attn in cross_attention_layers(unet).items()}
     m, bias = build_linear_map(sums, layers, keys, (h, w), "bicubic")
     meta = {"latent_size": [h, w], "image_size": [size, size], "text_dim": unet.config.cross_attention_dim,
@@ -79,7 +79,7 @@ def loop_linear_epoch(record: Record, unet, x: torch.Tensor, target: torch.Tenso
     for name, info in record.layers.items():
         k = F.linear(x, modules[name].to_k.weight.detach())  # (inner,)
         for t in range(record.queries[name].shape[0]):
-            q = record.queries[name][t].float()  # (N, inner)
+            q = record.queries[name][t].float().transpose(0, 1).reshape(info.pixels, -1)  # (N, inner)
             m = (q @ k).reshape(1, 1, info.height, info.width)
             total = total + F.interpolate(m, size=(h, w), mode="bicubic", align_corners=False)[0, 0]
     p = (total - total.min()) / (total.max() - total.min() + 1e-8)
@@ -98,8 +98,8 @@ def loop_open_vocab_epoch(record: Record, unet, x: torch.Tensor, target: torch.T
     for name, info in record.layers.items():
         k = F.linear(x, modules[name].to_k.weight.detach()).view(2, info.heads, info.head_dim)  # (2, H, d)
         for t in range(record.queries[name].shape[0]):
-            q = record.queries[name][t].float().view(-1, info.heads, info.head_dim)  # (N, H, d)
-            probs = (torch.einsum("nhd,khd->hnk", q, k) * info.scale).softmax(-1).sum(0)  # (N, 2)
+            q = record.queries[name][t].float()  # (H, N, d)
+            probs = (torch.einsum("hnd,khd->hnk", q, k) * info.scale).softmax(-1).sum(0)  # (N, 2)
             m = probs.T.reshape(1, 2, info.height, info.width)
             total = total + F.interpolate(m, size=(h, w), mode="bicubic", align_corners=False)[0]
     flat = total.flatten(1)

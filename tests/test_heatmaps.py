@@ -103,7 +103,7 @@ def test_linear_equals_explicit_sum(traced, tiny_pipe):
     for name, info in traced.layers.items():
         k = modules[name].to_k(x).detach()  # (2, inner)
         for t in range(traced.queries[name].shape[0]):
-            q = traced.queries[name][t].float()  # (N, inner)
+            q = traced.queries[name][t].float().transpose(0, 1).reshape(info.height * info.width, -1)  # (N, inner)
             for head in range(info.heads):
                 sl = slice(head * info.head_dim, (head + 1) * info.head_dim)
                 m = (q[:, sl] @ k[:, sl].T).T.reshape(2, 1, info.height, info.width)
@@ -164,6 +164,8 @@ def test_int8_queries_correlate(tiny_pipe):
         maps[dtype] = heatmaps(record, ["car", "tree"], "open_vocab", pipe=tiny_pipe).latent.flatten()
         if dtype == "int8":
             assert all(q.dtype == torch.int8 for q in record.queries.values())
+            info = next(iter(record.layers.values()))
+            assert record.queries[info.name].shape[1:] == (info.heads, info.pixels, info.head_dim)
     corr = torch.corrcoef(torch.stack([maps["float16"], maps["int8"]]))[0, 1]
     assert corr >= 0.999
 

@@ -104,7 +104,7 @@ def select_heads(info: LayerInfo, heads: int | Sequence[int] | None) -> list[int
 
 def queries(record: Record, layer: str, positions: list[int] | None = None,
             dtype: torch.dtype = torch.float32) -> Tensor:
-    """Cached queries of one layer as ``(steps, N, heads, head_dim)``, dequantized to ``dtype``.
+    """Cached queries of one layer as a contiguous ``(steps, heads, N, head_dim)``, dequantized to ``dtype``.
 
     Raises:
         ValueError: the record has no query cache (trace with ``queries=True``).
@@ -114,17 +114,26 @@ def queries(record: Record, layer: str, positions: list[int] | None = None,
             "this record has no query cache for open-vocabulary or per-step maps; trace with "
             "opendaam.trace(pipe, queries=True)"
         )
-    info = record.layers[layer]
-    stored = record.queries[layer]  # (S, N, inner)
-    if positions is not None:
-        stored = stored[positions]
-    q = stored.to(dtype).view(stored.shape[0], stored.shape[1], info.heads, info.head_dim)  # (S, N, H, d)
+    stored = record.queries[layer]  # (S, heads, N, head_dim)
+    index = _as_slice(positions)
+    if index is not None:
+        stored = stored[index]
+    q = stored.to(dtype)
     if layer in record.query_scales:
-        scales = record.query_scales[layer]
-        if positions is not None:
-            scales = scales[positions]
-        q = q * scales.to(dtype).unsqueeze(-1)  # (S, N, H, 1) broadcast over head_dim
+        scales = record.query_scales[layer]  # (S, heads, N)
+        if index is not None:
+            scales = scales[index]
+        q = q * scales.to(dtype).unsqueeze(-1)
     return q
+
+
+def _as_slice(positions: list[int] | None) -> slice | list[int] | None:
+    """A slice for consecutive positions (a view, no copy), else the list itself."""
+    if positions is None or not positions:
+        return positions or None
+    if list(positions) == list(range(positions[0], positions[-1] + 1)):
+        return slice(positions[0], positions[-1] + 1)
+    return list(positions)
 
 
 def query_cache_bytes(unet_config, height: int, width: int, calls: int, bytes_per_value: float = 2.0,

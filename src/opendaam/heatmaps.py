@@ -416,7 +416,7 @@ def _word_indices(record: Record, item: _Item) -> list[int]:
 
 def _cache_queries(record: Record) -> Callable[[str, list[int]], Tensor]:
     """Reads ``(s, heads, N, head_dim)`` float32 queries of chosen steps from the record's cache."""
-    return lambda name, steps: queries(record, name, steps).permute(0, 2, 1, 3)
+    return lambda name, steps: queries(record, name, steps)
 
 
 def _softmax_maps(record: Record, req: _Request, modules: dict, states: Tensor, columns: list[int],
@@ -445,10 +445,12 @@ def _softmax_maps(record: Record, req: _Request, modules: dict, states: Tensor, 
             q = provider(name, steps[start : start + chunk])  # (s, heads, N, head_dim)
             if hs is not None:
                 q = q[:, hs]
-            probs = (torch.matmul(q, k.transpose(-1, -2)) * info.scale).softmax(-1)  # (s, heads, N, T)
-            part = probs[..., columns].sum((0, 1))  # (N, J)
+            # tokens before pixels: the softmax then runs over a non-last axis, which PyTorch vectorizes
+            # along the pixels (a last axis of a few tokens is slow)
+            probs = (torch.matmul(k, q.transpose(-1, -2)) * info.scale).softmax(-2)  # (s, heads, T, N)
+            part = probs[:, :, columns].sum((0, 1))  # (J, N)
             acc = part if acc is None else acc + part
-        out[name] = acc.T  # (J, N)
+        out[name] = acc  # (J, N)
     return out
 
 
@@ -559,7 +561,7 @@ def _linear_layers(record: Record, req: _Request, x: Tensor) -> dict[str, Tensor
         if req.positions is None and name in record.query_sums:
             qsum = record.query_sums[name].float().view(info.pixels, info.heads, info.head_dim)
         elif record.queries:
-            qsum = queries(record, name, req.positions).sum(0)  # (N, heads, head_dim)
+            qsum = queries(record, name, req.positions).sum(0).transpose(0, 1)  # (N, heads, head_dim)
         else:
             raise ValueError(
                 "linear maps of chosen layers/steps/heads need the per-layer sums (linear_layers=True) or "

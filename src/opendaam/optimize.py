@@ -283,7 +283,7 @@ class _OpenVocabObjective:
                 raise ValueError("open_vocab optimization needs records traced with queries=True")
             per_layer = {}
             for name, info in r.layers.items():
-                q = queries(r, name).permute(2, 0, 1, 3)  # (heads, S, N, head_dim)
+                q = queries(r, name).transpose(0, 1)  # (heads, S, N, head_dim)
                 per_layer[name] = q.reshape(info.heads, -1, info.head_dim).to(torch.bfloat16).contiguous()
             self.cache.append(per_layer)
 

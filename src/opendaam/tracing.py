@@ -94,8 +94,8 @@ class Record:
         context: ``(77, text_dim)`` conditional text states the keys were computed from.
         daam: layer -> ``(heads, N, 77)`` softmax probabilities summed over the recorded steps.
         daam_steps: layer -> ``(steps, heads, N, 77)`` the same per step (opt-in).
-        queries: layer -> ``(steps, N, inner)`` query cache (fp16, or int8 with ``query_scales``).
-        query_scales: layer -> ``(steps, N, heads)`` int8 scales, only for int8 storage.
+        queries: layer -> ``(steps, heads, N, head_dim)`` query cache (fp16, or int8 with ``query_scales``).
+        query_scales: layer -> ``(steps, heads, N)`` int8 scales, only for int8 storage.
         query_sums: layer -> ``(N, inner)`` queries summed over steps (opt-in, for layer selection).
         linear_map: ``(h * w, text_dim)`` matrix M: the linear map of x is ``M @ x`` at latent size.
         linear_bias: ``(h * w,)`` the constant term, only when W_k has a bias.
@@ -415,7 +415,7 @@ class Tracer:
             if cfg.daam_per_step:
                 pending.daam_steps.setdefault(name, []).append(probs[j].to(dev, torch.float16))
             if cfg.queries:
-                stored, scales = _store_queries(q_flat[j], heads, cfg.query_dtype)
+                stored, scales = _store_queries(q[j], cfg.query_dtype)  # heads-first: (heads, N, head_dim)
                 pending.queries.setdefault(name, []).append(stored.to(dev))
                 if scales is not None:
                     pending.query_scales.setdefault(name, []).append(scales.to(dev))
@@ -452,7 +452,7 @@ class Tracer:
         if self.config.daam_per_step:
             record.daam_steps = {n: torch.stack(v) for n, v in pending.daam_steps.items()}
         if self.config.queries:
-            record.queries = {n: torch.stack(v) for n, v in pending.queries.items()}  # (S, N, inner)
+            record.queries = {n: torch.stack(v) for n, v in pending.queries.items()}  # (S, heads, N, head_dim)
             record.query_scales = {n: torch.stack(v) for n, v in pending.query_scales.items()}
         if self.config.linear and pending.query_sums:
             keys = {n: self.layers[n].to_k for n in layers}
@@ -501,15 +501,14 @@ def build_linear_map(
     return total.T.contiguous(), bias  # (h*w, text_dim), (h*w,) or None
 
 
-def _store_queries(q: Tensor, heads: int, dtype: str) -> tuple[Tensor, Tensor | None]:
-    """Queries ``(N, inner)`` in the cache's storage dtype; int8 keeps one absmax scale per pixel and head."""
+def _store_queries(q: Tensor, dtype: str) -> tuple[Tensor, Tensor | None]:
+    """Queries ``(heads, N, head_dim)`` in the cache's storage dtype, contiguous (heads first, so maps are
+    computed without reshuffling); int8 keeps one absmax scale per head and pixel."""
     if dtype != "int8":
-        return q.to(getattr(torch, dtype)), None
-    pixels, inner = q.shape
-    grouped = q.float().reshape(pixels, heads, inner // heads)  # (N, heads, head_dim)
-    scale = grouped.abs().amax(dim=-1, keepdim=True).clamp_min(1e-12) / 127.0  # (N, heads, 1)
-    codes = torch.round(grouped / scale).clamp_(-127, 127).to(torch.int8).reshape(pixels, inner)
-    return codes, scale.squeeze(-1).to(torch.float16)  # (N, inner) int8, (N, heads) fp16
+        return q.to(getattr(torch, dtype), memory_format=torch.contiguous_format), None
+    scale = q.float().abs().amax(dim=-1, keepdim=True).clamp_min(1e-12) / 127.0  # (heads, N, 1)
+    codes = torch.round(q.float() / scale).clamp_(-127, 127).to(torch.int8).contiguous()
+    return codes, scale.squeeze(-1).to(torch.float16)  # (heads, N, head_dim) int8, (heads, N) fp16
 
 
 def _layer_shape(latent_h: int, latent_w: int, pixels: int, name: str) -> tuple[int, int]:
