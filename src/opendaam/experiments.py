@@ -15,8 +15,6 @@ Seventh layer of opendaam: imports models, tracing, cache, heatmaps, optimize an
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -26,6 +24,7 @@ import torch
 from PIL import Image
 from torch import Tensor
 
+from opendaam._io import atomic_write_with
 from opendaam.cache import load_record
 from opendaam.heatmaps import heatmaps
 from opendaam.metrics import curve_summary, default_thresholds, iou_score, mean_iou, percentile_band, threshold_curve
@@ -100,19 +99,6 @@ class ToyWorldAnnotator:
         return mask.astype(bool)
 
 
-def _atomic_write(path: Path, write: Callable[[Path], None]) -> None:
-    """Write through a temporary file in the same folder, then rename it into place."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=path.suffix)
-    os.close(fd)
-    try:
-        write(Path(tmp))
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def generate_items(
     pipe,
     out: str | Path,
@@ -164,14 +150,14 @@ def generate_items(
             result = pipe(item.prompt, generator=torch.Generator().manual_seed(seed), output_type="pil", **options)
         record = tracer.records[0]
         image = result.images[0]
-        _atomic_write(out / item.image, lambda p, im=image: im.save(p, format="PNG"))
+        atomic_write_with(out / item.image, lambda p, im=image: im.save(p, format="PNG"))
         if annotator is not None:
             mask = annotator.mask(cls, seed, record.image_size)
-            _atomic_write(out / item.mask, lambda p, m=mask: Image.fromarray(m.astype(np.uint8) * 255).save(
+            atomic_write_with(out / item.mask, lambda p, m=mask: Image.fromarray(m.astype(np.uint8) * 255).save(
                 p, format="PNG"))
-        _atomic_write(out / item.record, lambda p, r=record: r.save(p))
+        atomic_write_with(out / item.record, lambda p, r=record: r.save(p))
     manifest = {"items": [asdict(i) for i in items], "template": template, "classes": list(classes)}
-    _atomic_write(out / "items.json", lambda p: p.write_text(json.dumps(manifest, indent=1)))
+    atomic_write_with(out / "items.json", lambda p: p.write_text(json.dumps(manifest, indent=1)))
     return items
 
 

@@ -13,8 +13,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import tempfile
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from functools import partial
@@ -25,6 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from opendaam._io import atomic_write_with
 from opendaam.cache import queries
 from opendaam.heatmaps import _key_modules, _keys, _to_latent, encode_text, find_tokens
 from opendaam.tracing import Record, upsample
@@ -126,19 +125,11 @@ class OptimizedToken:
         """Write the token as safetensors (metadata as JSON inside), atomically."""
         from safetensors.torch import save_file
 
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
         header = {"label": self.label, "meta": self.meta, "history": self.history}
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-        os.close(fd)
-        try:
-            save_file({"embedding": self.embedding.detach().float().contiguous()}, tmp,
-                      metadata={"opendaam_token": json.dumps(header)})
-            os.replace(tmp, path)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
-        return path
+        tensors = {"embedding": self.embedding.detach().float().contiguous()}
+        return atomic_write_with(
+            path, lambda tmp: save_file(tensors, str(tmp), metadata={"opendaam_token": json.dumps(header)})
+        )
 
 
 def load_token(path: str | Path, pipe=None, record: Record | None = None) -> OptimizedToken:

@@ -20,8 +20,6 @@ from __future__ import annotations
 import inspect
 import json
 import math
-import os
-import tempfile
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field, fields, replace
@@ -31,6 +29,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from opendaam._io import atomic_write_with
 from opendaam.models import cross_attention_layers
 
 __all__ = ["FORMAT_VERSION", "LayerInfo", "Record", "TraceConfig", "Tracer", "tokenize_prompt", "trace", "upsample"]
@@ -174,15 +173,7 @@ class Record:
             "meta": self.meta,
             "layers": [asdict(info) for info in self.layers.values()],
         }
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-        os.close(fd)
-        try:
-            save_file(tensors, tmp, metadata={"opendaam": json.dumps(header)})
-            os.replace(tmp, path)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
+        atomic_write_with(path, lambda tmp: save_file(tensors, str(tmp), metadata={"opendaam": json.dumps(header)}))
         return path
 
     @classmethod
