@@ -31,6 +31,8 @@ def add_parser(sub) -> None:
     t.add_argument("--unet-steps", type=int, default=None)
     t.add_argument("--vae-steps", type=int, default=None)
     t.add_argument("--scenes", type=int, default=None)
+    t.add_argument("--decay-start", type=int, default=None,
+                   help="U-Net step from which the learning rates fall linearly to 0 at --unet-steps")
     t.add_argument("--minutes", type=float, default=None,
                    help="pause after this many minutes (checkpointed); rerun the same command to resume")
     t.set_defaults(run=run_train)
@@ -81,8 +83,8 @@ def run_train(args) -> int:
 
     from opendaam.toyworld.train import TrainConfig, train
 
-    overrides = {k: v for k, v in dict(unet_steps=args.unet_steps, vae_steps=args.vae_steps,
-                                       scenes=args.scenes).items() if v is not None}
+    overrides = {k: v for k, v in dict(unet_steps=args.unet_steps, vae_steps=args.vae_steps, scenes=args.scenes,
+                                       decay_start=getattr(args, "decay_start", None)).items() if v is not None}
     final = train(args.out, replace(TrainConfig(), **overrides), threads=args.threads,
                   minutes=getattr(args, "minutes", None))
     print(f"saved the pipeline to {final}" if final else f"paused; rerun the same command to resume ({args.out})")

@@ -42,6 +42,7 @@ class TrainConfig:
     vae_lr: float = 2e-3  # Adam step of the autoencoder
     vae_kl: float = 1e-6  # a weak KL term keeps the latent well scaled without blurring it
     unet_steps: int = 2400  # U-Net steps (batch 32); prototype 2 reached a working model at 1,680
+    decay_start: int | None = None  # from this step the learning rates fall linearly to 0 at unet_steps
     unet_lr: float = 1e-3  # prototype 2's U-Net learning rate
     text_lr: float = 3e-3  # prototype 2's text-encoder learning rate: the words must move fast
     batch: int = 32  # prototype 2's batch
@@ -248,6 +249,10 @@ def train(out: str | Path, config: TrainConfig | None = None, model: ToyConfig |
         noise = torch.randn(x0.shape, generator=gen)
         a = alphas[t].view(-1, 1, 1, 1)
         noisy = a.sqrt() * x0 + (1 - a).sqrt() * noise
+        if cfg.decay_start is not None and step >= cfg.decay_start:
+            frac = 1.0 - (step - cfg.decay_start) / max(1, cfg.unet_steps - cfg.decay_start)
+            for group, base in zip(opt.param_groups, (cfg.unet_lr, cfg.text_lr), strict=True):
+                group["lr"] = base * frac
         states = text_encoder(ids[idx])[0]  # (B, 77, 64)
         pred = unet(noisy, t, encoder_hidden_states=states).sample
         per_item = F.mse_loss(pred, noise, reduction="none").mean((1, 2, 3))  # (B,)
