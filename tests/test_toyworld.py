@@ -135,3 +135,15 @@ def test_bundled_model_is_deterministic():
     runs = [pipe("a car in an urban environment", num_inference_steps=4, output_type="np",
                  generator=torch.Generator().manual_seed(0)).images for _ in range(2)]
     assert runs[0].shape == (1, 64, 64, 3) and np.array_equal(runs[0], runs[1])
+
+
+def test_bundled_annotator_labels_rendered_scenes():
+    from opendaam.toyworld.annotate import ANNOTATOR_DIR, annotate, load_annotator
+
+    if not (ANNOTATOR_DIR / "model.safetensors").exists():
+        pytest.skip("annotator weights not installed")
+    scenes = [render_scene(10**6 + 900 + i, cls=c) for i, c in enumerate(CLASSES)]
+    labels = annotate([s.image for s in scenes], load_annotator())
+    for scene, pred in zip(scenes, labels, strict=True):
+        truth, guess = scene.mask(scene.cls), pred == LABEL_IDS[scene.cls]
+        assert (truth & guess).sum() / (truth | guess).sum() > 0.6
