@@ -27,14 +27,15 @@ def test_linear_recovers_a_known_embedding(records, size):
     dim = records[0].linear_map.shape[1]
     x_star = torch.randn(dim, generator=torch.Generator().manual_seed(7))
     targets = [heatmaps(r, x_star, "linear").normalized()[0] >= 0.5 for r in records]
-    token = optimize_token(records, [t.numpy() for t in targets], init=torch.randn(dim), progress=False, size=size)
+    token = optimize_token(records, [t.numpy() for t in targets], init=torch.randn(dim), progress=False, size=size,
+                           loss="margin", lr=0.3, epochs=600)
     for r, t in zip(records, targets, strict=True):
         got = heatmaps(r, token, "linear").normalized()[0] >= 0.5
         assert _iou(got, t) > 0.95
     assert token.history[0]["loss"] > token.meta["loss"]
 
 
-@pytest.mark.parametrize("loss", ["ce", "bce", "soft_iou"])
+@pytest.mark.parametrize("loss", ["ce", "bce", "soft_iou", "margin"])
 def test_other_losses_improve(records, loss):
     dim = records[0].linear_map.shape[1]
     x_star = torch.randn(dim, generator=torch.Generator().manual_seed(3))
