@@ -141,7 +141,8 @@ def _roundtrip(vae, images: torch.Tensor) -> torch.Tensor:
 
 
 def train_annotator(out: str | Path, vae=None, steps: int = 600, scenes: int = 4000, batch: int = 32,
-                    lr: float = 3e-3, seed: int = 0, threads: int = 1, log=print) -> SegNet:
+                    lr: float = 3e-3, seed: int = 0, threads: int = 1, balance: bool = True,
+                    log=print) -> SegNet:
     """Train the segmentation net on rendered scenes (half of them through ``vae``); save it to ``out``.
 
     Args:
@@ -153,6 +154,8 @@ def train_annotator(out: str | Path, vae=None, steps: int = 600, scenes: int = 4
         lr: peak learning rate.
         seed: seeds the weights and batches.
         threads: torch threads, set explicitly.
+        balance: weight the loss by inverse square-root class frequency (clipped to 0.5-8), so thin
+            rare classes (pole, bicycle) are predicted at all.
         log: called with one-line progress strings.
 
     Example:
@@ -172,6 +175,9 @@ def train_annotator(out: str | Path, vae=None, steps: int = 600, scenes: int = 4
         half = scenes // 2
         images = torch.cat([images, _roundtrip(vae, images[:half])])  # raw scenes + decoder-blurred copies
         targets = torch.cat([targets, targets[:half]])
+    counts = torch.bincount(targets.flatten(), minlength=len(SEG_LABELS)).float() + 1.0  # (C,)
+    freq = counts / counts.sum()
+    weights = (freq.median() / freq).sqrt().clamp(0.5, 8.0) if balance else torch.ones_like(freq)  # (C,)
     net = SegNet()
     opt = torch.optim.AdamW(net.parameters(), lr=lr, weight_decay=1e-4)
     started = time.perf_counter()
@@ -185,7 +191,7 @@ def train_annotator(out: str | Path, vae=None, steps: int = 600, scenes: int = 4
         y = torch.where(flip.view(-1, 1, 1), y.flip(-1), y)
         for group in opt.param_groups:
             group["lr"] = lr * min(1.0, (step + 1) / 30) * 0.5 * (1 + math.cos(math.pi * step / steps))
-        loss = F.cross_entropy(net(x), y)
+        loss = F.cross_entropy(net(x), y, weight=weights)
         opt.zero_grad()
         loss.backward()
         opt.step()
@@ -198,7 +204,9 @@ def train_annotator(out: str | Path, vae=None, steps: int = 600, scenes: int = 4
     os.replace(tmp, out / "model.safetensors")
     (out / "config.json").write_text(json.dumps({**net.config, "labels": list(SEG_LABELS), "steps": steps,
                                                  "scenes": scenes, "batch": batch, "lr": lr, "seed": seed,
-                                                 "vae_roundtrip": vae is not None}, indent=1))
+                                                 "vae_roundtrip": vae is not None, "balance": balance,
+                                                 "class_weights": [round(float(w), 3) for w in weights]},
+                                                indent=1))
     return net
 
 
