@@ -76,11 +76,12 @@ class ToyWorldAnnotator:
     """Exact masks for toy-urban: img2img from a rendered scene whose label map is known.
 
     Args:
-        strength: img2img strength; 0.6 keeps the scene's layout (so its labels stay exact) while the
-            model redraws the image from its own prior.
+        strength: img2img strength; 0.5 keeps the scene's layout (so its labels stay exact: the annotator net
+            scores 0.72-0.89 IoU on the outputs against the rendered masks, TRAINING.md) while the model
+            redraws the image from its own prior.
     """
 
-    def __init__(self, strength: float = 0.6):
+    def __init__(self, strength: float = 0.5):
         self.strength = strength
 
     def init_image(self, cls: str, seed: int) -> Image.Image:
@@ -422,8 +423,8 @@ class ThesisConfig:
     report_train: int = 2  # the tables 4.2/4.3 use tokens trained on this many images (the thesis' best)
     steps: int | None = None  # denoising steps; None: the model's own (the thesis: PNDM, 30)
     guidance: float | None = None  # guidance scale; None: the model's own
-    strength: float = 0.6  # img2img strength of the toy-world annotator
-    seed0: int = 0  # first seed; images use seed0 .. seed0 + per_class - 1
+    strength: float = 0.5  # img2img strength of the toy-world annotator: person and rider drift from 0.6 on
+    seed0: int = 0  # first seed (images use seed0 .. seed0 + per_class - 1); toy-urban: use held-out seeds
     tau_step: float = 0.05  # threshold curve resolution
     optimize_epochs: int = 300  # token optimization budget per (class, size, method)
 
