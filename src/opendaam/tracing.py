@@ -235,8 +235,8 @@ class _Pending:
     def __init__(self):
         self.daam: dict[str, Tensor] = {}
         self.daam_steps: dict[str, list[Tensor]] = {}
-        self.queries: dict[str, list[Tensor]] = {}
-        self.query_scales: dict[str, list[Tensor]] = {}
+        self.queries: dict[str, Tensor] = {}  # layer -> (capacity, heads, N, head_dim) buffer
+        self.query_scales: dict[str, Tensor] = {}  # layer -> (capacity, heads, N) buffer
         self.query_sums: dict[str, Tensor] = {}
         self.context: Tensor | None = None
 
@@ -325,6 +325,9 @@ class Tracer:
                 f"{self._n_images} images; pass the same prompt list to trace() and to the pipeline"
             )
         self._layer_info: dict[str, LayerInfo] = {}
+        scheduled = getattr(getattr(self.pipe, "scheduler", None), "timesteps", None)
+        self._capacity = len(self.config.steps) if self.config.steps is not None else (
+            len(scheduled) if scheduled is not None else 64)
         self._step = -1
         self._pending = [_Pending() for _ in range(self._n_images)]
         h, w = sample.shape[-2:]
@@ -393,6 +396,8 @@ class Tracer:
             scores = torch.matmul(q.float(), k.float().transpose(-1, -2)) * attn.scale  # (n, heads, N, T)
             probs = scores.softmax(dim=-1)
         q_flat = q.transpose(1, 2).reshape(n, pixels, inner) if attn.norm_q is not None else query
+        position = len(self._gen_meta["steps"]) - 1  # this step's row in the per-step buffers
+        capacity = self._capacity
         for j in range(n):
             pending = self._pending[j]
             if pending.context is None:
@@ -407,9 +412,9 @@ class Tracer:
                 pending.daam_steps.setdefault(name, []).append(probs[j].to(dev, torch.float16))
             if cfg.queries:
                 stored, scales = _store_queries(q[j], cfg.query_dtype)  # heads-first: (heads, N, head_dim)
-                pending.queries.setdefault(name, []).append(stored.to(dev))
+                _put(pending.queries, name, position, stored, capacity, dev)
                 if scales is not None:
-                    pending.query_scales.setdefault(name, []).append(scales.to(dev))
+                    _put(pending.query_scales, name, position, scales, capacity, dev)
             if cfg.linear or cfg.linear_layers:
                 qs = q_flat[j].to(dev, torch.float32)  # (N, inner)
                 if name in pending.query_sums:
@@ -443,8 +448,9 @@ class Tracer:
         if self.config.daam_per_step:
             record.daam_steps = {n: torch.stack(v) for n, v in pending.daam_steps.items()}
         if self.config.queries:
-            record.queries = {n: torch.stack(v) for n, v in pending.queries.items()}  # (S, heads, N, head_dim)
-            record.query_scales = {n: torch.stack(v) for n, v in pending.query_scales.items()}
+            count = len(self._gen_meta["steps"])
+            record.queries = {n: _trim(v, count) for n, v in pending.queries.items()}  # (S, heads, N, head_dim)
+            record.query_scales = {n: _trim(v, count) for n, v in pending.query_scales.items()}
         if self.config.linear and pending.query_sums:
             keys = {n: self.layers[n].to_k for n in layers}
             record.linear_map, record.linear_bias = build_linear_map(
@@ -490,6 +496,28 @@ def build_linear_map(
             up_b = upsample(b.reshape(1, info.height, info.width), (h, w), mode).reshape(-1)  # (h*w,)
             bias = up_b if bias is None else bias + up_b
     return total.T.contiguous(), bias  # (h*w, text_dim), (h*w,) or None
+
+
+def _put(buffers: dict[str, Tensor], name: str, row: int, value: Tensor, capacity: int, device: str) -> None:
+    """Write one step into a layer's preallocated ``(capacity, ...)`` buffer, growing it if needed.
+
+    One large buffer per layer instead of one small tensor per step keeps the allocator's heap free for the
+    U-Net's temporaries (thousands of retained small blocks made generation measurably slower).
+    """
+    buf = buffers.get(name)
+    if buf is None:
+        buf = torch.empty((max(capacity, row + 1), *value.shape), dtype=value.dtype, device=device)
+        buffers[name] = buf
+    elif row >= buf.shape[0]:
+        grown = torch.empty((max(2 * buf.shape[0], row + 1), *value.shape), dtype=value.dtype, device=device)
+        grown[: buf.shape[0]] = buf
+        buffers[name] = buf = grown
+    buf[row] = value
+
+
+def _trim(buffer: Tensor, count: int) -> Tensor:
+    """The first ``count`` rows of a per-step buffer (a copy when rows are left over, to free them)."""
+    return buffer if buffer.shape[0] == count else buffer[:count].clone()
 
 
 def _store_queries(q: Tensor, dtype: str) -> tuple[Tensor, Tensor | None]:
