@@ -294,15 +294,19 @@ def cross_attention_layers(unet: nn.Module) -> dict[str, nn.Module]:
     return found
 
 
-def generation_defaults(pipe) -> dict:
+def generation_defaults(pipe, **overrides) -> dict:
     """Steps, guidance and size a pipeline generates with when not told otherwise.
 
     A model folder may carry ``opendaam.json`` with its own (the bundled toy-urban does); otherwise
-    diffusers' Stable Diffusion defaults: 50 steps, guidance 7.5, the U-Net's sample size.
+    diffusers' Stable Diffusion defaults: 50 steps, guidance 7.5, the U-Net's sample size. Keyword
+    ``overrides`` that are not None (``num_inference_steps=``, ``guidance_scale=``, ``height=``, ``width=``)
+    replace them.
 
     Example:
         >>> generation_defaults(build_pipeline("tiny"))
         {'num_inference_steps': 50, 'guidance_scale': 7.5, 'height': 16, 'width': 16}
+        >>> generation_defaults(build_pipeline("tiny"), num_inference_steps=2, height=None)["num_inference_steps"]
+        2
     """
     import json
 
@@ -312,4 +316,8 @@ def generation_defaults(pipe) -> dict:
     if folder and (Path(folder) / "opendaam.json").exists():
         own = json.loads((Path(folder) / "opendaam.json").read_text())
         defaults.update({k: v for k, v in own.items() if k in defaults})
+    unknown = set(overrides) - set(defaults)
+    if unknown:
+        raise TypeError(f"unknown generation settings {sorted(unknown)}; valid: {', '.join(defaults)}")
+    defaults.update({k: v for k, v in overrides.items() if v is not None})
     return defaults

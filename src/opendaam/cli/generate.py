@@ -64,13 +64,8 @@ def run(args) -> int:
     start = time.perf_counter()
     pipe = load_pipeline(args.model, scheduler=args.scheduler)
     timings["load_s"] = time.perf_counter() - start
-    defaults = generation_defaults(pipe)
-    call = {
-        "num_inference_steps": args.steps or defaults["num_inference_steps"],
-        "guidance_scale": args.guidance if args.guidance is not None else defaults["guidance_scale"],
-        "height": args.height or defaults["height"],
-        "width": args.width or defaults["width"],
-    }
+    call = generation_defaults(pipe, num_inference_steps=args.steps, guidance_scale=args.guidance,
+                               height=args.height, width=args.width)
     _, tokens = tokenize_prompt(pipe, args.prompt)  # fails early on prompts over 77 tokens
     words = args.words if args.words is not None else [w for w, _ in prompt_words(tokens)]
     optimized = [load_token(path, pipe=pipe) for path in args.token]

@@ -369,13 +369,8 @@ def generate(
 
             pipe.scheduler = make_scheduler(spec.scheduler, pipe.scheduler.config)
         pipe.set_progress_bar_config(disable=True)
-        defaults = generation_defaults(pipe)
-        call = {
-            "num_inference_steps": spec.steps or defaults["num_inference_steps"],
-            "guidance_scale": spec.guidance if spec.guidance is not None else defaults["guidance_scale"],
-            "height": spec.height or defaults["height"],
-            "width": spec.width or defaults["width"],
-        }
+        call = generation_defaults(pipe, num_inference_steps=spec.steps, guidance_scale=spec.guidance,
+                                   height=spec.height, width=spec.width)
         _generate_items(spec, out, pipe, todo, call, digest, own_manifest, shard, progress)
 
     finalized = False
