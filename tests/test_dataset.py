@@ -181,6 +181,26 @@ def test_exports_cityscapes_and_coco(setup):
         assert np.array_equal(painted, np.where(labels == 255, 0, labels))
 
 
+def test_huggingface_export_loads_with_datasets(setup, tmp_path, monkeypatch):
+    datasets = pytest.importorskip("datasets")
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    spec = SPEC.format(model=str(setup / "tiny"), count=1).replace(
+        "filter: {area_percentiles: [10, 100]}", "outputs: {formats: [huggingface], split: val}")
+    (tmp_path / "spec.yaml").write_text(spec)
+    out = tmp_path / "hf"
+    assert generate(load_spec(tmp_path / "spec.yaml"), out, threads=1, progress=False).finalized
+    entries = [json.loads(line) for line in (out / "manifest.jsonl").read_text().splitlines()]
+    loaded = datasets.load_dataset(str(out / "huggingface"), cache_dir=str(tmp_path / "cache"))
+    assert list(loaded) == ["val"] and loaded["val"].num_rows == len(entries) == 3
+    for row, entry in zip(loaded["val"], entries, strict=True):
+        assert (row["prompt"], row["seed"], row["index"]) == (entry["prompt"], entry["seed"], entry["index"])
+        assert np.array_equal(np.asarray(row["label"]), np.asarray(Image.open(out / entry["files"]["label"])))
+        assert np.array_equal(np.asarray(row["image"]), np.asarray(Image.open(out / entry["files"]["image"])))
+    id2label = json.loads((out / "huggingface" / "id2label.json").read_text())
+    assert id2label == {"0": "background", "1": "car", "2": "person", "3": "tree"}
+    assert not (out / "cityscapes").exists() and not (out / "coco").exists()
+
+
 def test_same_spec_twice_is_byte_identical_and_rerun_skips(setup, tmp_path):
     out = tmp_path / "again"
     result = generate(load_spec(setup / "spec.yaml"), out, threads=1, progress=False,

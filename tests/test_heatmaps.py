@@ -29,7 +29,7 @@ def _reference_daam(pipe, prompt, **kwargs):
     def hook(module, args, kwargs_, output):
         hidden = args[0] if args else kwargs_["hidden_states"]
         context = kwargs_.get("encoder_hidden_states")
-        captured.append((module, hidden.detach(), context.detach()))
+        captured.append((module, hidden.detach().clone(), context.detach().clone()))
 
     modules = cross_attention_layers(pipe.unet)
     handles = [m.register_forward_hook(hook, with_kwargs=True) for m in modules.values()]
@@ -66,6 +66,27 @@ def test_daam_matches_plain_implementation(tiny_pipe):
     assert torch.allclose(maps.latent[2], (reference[6] + reference[7]) / 2, atol=1e-4, rtol=1e-4)
     assert maps.soft.shape == (3, 32, 48)
     assert maps.token_indices == [[2], [3], [6, 7]]
+
+
+@pytest.mark.parametrize("in_place", [False, True])
+def test_daam_follows_text_states_changed_between_steps(tiny_pipe, in_place):
+    """Keys are cached per generation only while the pipeline passes the same unmodified text states."""
+    other = tiny_pipe.encode_prompt("a green tree", "cpu", 1, True)  # (conditional, unconditional)
+
+    def swap(pipe, step, timestep, kwargs):
+        embeds = kwargs["prompt_embeds"]  # (2, 77, dim): unconditional, conditional
+        if in_place:
+            embeds[1:].mul_(0.5)
+            return {}
+        return {"prompt_embeds": torch.cat([other[1], other[0]])}
+
+    kwargs = dict(num_inference_steps=3, height=32, width=32, callback_on_step_end=swap,
+                  callback_on_step_end_tensor_inputs=["prompt_embeds"])
+    reference = _reference_daam(tiny_pipe, PROMPT, **kwargs)
+    with trace(tiny_pipe, prompt=PROMPT) as tracer:
+        generate(tiny_pipe, prompt=PROMPT, **kwargs)
+    maps = heatmaps(tracer.records[0], [1, 2, 3])
+    assert torch.allclose(maps.latent, reference[1:4], atol=1e-4, rtol=1e-4)
 
 
 def test_open_vocab_with_generating_prompt_equals_daam(traced, tiny_pipe):

@@ -1,4 +1,5 @@
-"""Exports that segmentation trainers read: the Cityscapes folder layout and COCO instance JSON.
+"""Exports that segmentation trainers read: the Cityscapes folder layout, COCO instance JSON and a
+Hugging Face ``datasets`` folder (parquet).
 
 Both are written from a finished dataset's label maps (0 background, 1..K classes, 255 ignore) and
 only for the items the filters kept.
@@ -18,7 +19,9 @@ from opendaam.dataset.cityscapes import CITYSCAPES_IDS, IGNORE, train_id_lut
 from opendaam.dataset.io import atomic_write, png_bytes
 from opendaam.dataset.labels import connected_components
 
-__all__ = ["cityscapes_arrays", "coco_annotations", "export_cityscapes", "export_coco", "safe_city"]
+__all__ = [
+    "cityscapes_arrays", "coco_annotations", "export_cityscapes", "export_coco", "export_huggingface", "safe_city",
+]
 
 
 def safe_city(name: str) -> str:
@@ -143,3 +146,62 @@ def export_coco(out: Path, entries: Sequence[dict], classes: Sequence[dict], *, 
     data = {"info": info or {}, "licenses": [], "images": images, "annotations": annotations,
             "categories": categories}
     return atomic_write(out / "coco" / f"instances_{split}.json", json.dumps(data, separators=(",", ":")) + "\n")
+
+
+def export_huggingface(out: Path, entries: Sequence[dict], classes: Sequence[dict], *, split: str = "train",
+                       name: str = "opendaam") -> list[Path]:
+    """Write ``huggingface/``: one parquet file with columns ``image`` and ``label`` (``datasets.Image``),
+    ``prompt``, ``seed``, ``index``, plus ``id2label.json`` and a card whose YAML header names the split,
+    so ``datasets.load_dataset(str(out / "huggingface"))`` loads it and ``push_to_hub`` publishes it.
+
+    ``label`` is the dataset's label map (0 background, class ids, 255 ignore), the layout Hugging Face
+    semantic-segmentation trainers (SegFormer, Mask2Former) read with ``id2label``.
+    """
+    try:
+        import datasets
+    except ImportError as error:
+        raise ImportError("the huggingface export needs the datasets package: pip install datasets "
+                          "(or remove 'huggingface' from outputs.formats)") from error
+    import io
+
+    features = datasets.Features({
+        "image": datasets.Image(), "label": datasets.Image(), "prompt": datasets.Value("string"),
+        "seed": datasets.Value("int64"), "index": datasets.Value("int64"),
+    })
+    rows = {
+        "image": [{"bytes": (out / e["files"]["image"]).read_bytes(), "path": None} for e in entries],
+        "label": [{"bytes": (out / e["files"]["label"]).read_bytes(), "path": None} for e in entries],
+        "prompt": [e["prompt"] for e in entries],
+        "seed": [int(e["seed"]) for e in entries],
+        "index": [int(e["index"]) for e in entries],
+    }
+    table = datasets.Dataset.from_dict(rows, features=features)
+    buffer = io.BytesIO()
+    table.to_parquet(buffer)
+    root = out / "huggingface"
+    id2label = {"0": "background", **{str(c["id"]): c["name"] for c in classes}}
+    card = "\n".join([
+        "---",
+        "configs:",
+        "- config_name: default",
+        "  data_files:",
+        f"  - split: {split}",
+        f"    path: data/{split}-*.parquet",
+        "task_categories:",
+        "- image-segmentation",
+        "tags:",
+        "- synthetic",
+        "- opendaam",
+        "---",
+        "",
+        f"# {name}",
+        "",
+        "Synthetic semantic segmentation data made with opendaam (see the dataset folder's README.md).",
+        "`label` holds 0 for background, the class ids of `id2label.json`, and 255 for ignored pixels.",
+        "",
+    ])
+    return [
+        atomic_write(root / "data" / f"{split}-00000-of-00001.parquet", buffer.getvalue()),
+        atomic_write(root / "id2label.json", json.dumps(id2label, indent=2) + "\n"),
+        atomic_write(root / "README.md", card),
+    ]

@@ -107,7 +107,7 @@ def _remove_stale(out: Path, entries: Sequence[dict], written: set[Path], digest
         for path in (out / folder).glob("[0-9][0-9][0-9][0-9][0-9][0-9]*.*") if (out / folder).exists() else []:
             if path.is_file() and path.resolve() not in listed:
                 path.unlink()
-    for folder in ("cityscapes", "coco"):
+    for folder in ("cityscapes", "coco", "huggingface"):
         root = out / folder
         if not root.exists():
             continue
@@ -137,7 +137,7 @@ def finalize(out: str | Path) -> FinalizeResult:
         DatasetError: items are missing (some shard has not finished) or disagree between shards.
     """
     from opendaam import __version__
-    from opendaam.dataset.export import export_cityscapes, export_coco, safe_city
+    from opendaam.dataset.export import export_cityscapes, export_coco, export_huggingface, safe_city
 
     out = Path(out)
     header, spec = load_dataset(out)
@@ -164,6 +164,9 @@ def finalize(out: str | Path) -> FinalizeResult:
         info = {"description": spec.name, "version": __version__, "spec_hash": digest,
                 "url": "https://github.com/opendaam/opendaam"}
         written.add(export_coco(out, kept, classes, split=spec.outputs.split, info=info).resolve())
+    if "huggingface" in formats:
+        paths = export_huggingface(out, kept, classes, split=spec.outputs.split, name=spec.name)
+        written.update(p.resolve() for p in paths)
     write_card(out, spec, header, entries, dropped)
     _remove_stale(out, entries, written, digest)
     remove_temp_files(out)
@@ -253,5 +256,8 @@ def write_card(out: Path, spec: DatasetSpec, header: dict, entries: Sequence[dic
     if "coco" in spec.outputs.formats:
         lines.append(f"- `coco/instances_{spec.outputs.split}.json`: COCO instances (RLE), one per connected "
                      "component of each class; image files under `images/`")
+    if "huggingface" in spec.outputs.formats:
+        lines.append(f"- `huggingface/`: parquet (`data/{spec.outputs.split}-*.parquet`, columns image, label, "
+                     "prompt, seed, index) and `id2label.json`; `datasets.load_dataset(\"<DIR>/huggingface\")`")
     lines += ["", "Regenerate it bit for bit with `opendaam dataset generate spec.yaml --out DIR`.", ""]
     return atomic_write(out / "README.md", "\n".join(lines))

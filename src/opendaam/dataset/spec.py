@@ -41,7 +41,7 @@ __all__ = [
 ]
 
 METHODS = ("daam", "open_vocab", "linear")
-FORMATS = ("cityscapes", "coco")
+FORMATS = ("cityscapes", "coco", "huggingface")
 
 
 class SpecError(ValueError):
@@ -102,7 +102,8 @@ class FilterSpec:
 class OutputSpec:
     """Which exports are written after generation, and their naming."""
 
-    formats: tuple[Literal["cityscapes", "coco"], ...] = ("cityscapes", "coco")  # what trainers read
+    formats: tuple[Literal["cityscapes", "coco", "huggingface"], ...] = (
+        "cityscapes", "coco")  # what trainers read ("huggingface" needs the datasets package)
     split: str = "train"  # Cityscapes split folder the items land in
     city: str | None = None  # Cityscapes "city" folder and file prefix; None: the dataset name
     background_id: int = 0  # Cityscapes label id of background pixels; 0 ("unlabeled") is ignored in training
