@@ -31,6 +31,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 import torch
+from _malloc import use_tuned_malloc  # bench/ is on sys.path when run as a script
 
 from opendaam.dataset import expand_items, generate, parse_spec
 from opendaam.models import build_pipeline, generation_defaults, load_pipeline, set_threads
@@ -81,6 +82,7 @@ def _dataset(pipe, spec, root: Path) -> tuple[float, dict]:
 
 
 def main() -> None:
+    malloc = use_tuned_malloc()  # before anything is allocated: see bench/_malloc.py
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="toy-urban", help="toy-urban, sd2-base, tiny, or a pipeline folder")
     parser.add_argument("--size", type=int, default=None, help="image size (default: the model's)")
@@ -115,7 +117,8 @@ def main() -> None:
     p, d = statistics.median(plain), statistics.median(full)
     result = {
         "model": args.model, "size": [spec.height, spec.width], "steps": spec.steps, "items": len(items),
-        "rounds": args.rounds, "threads": args.threads, "method": args.method, "formats": args.formats,
+        "rounds": args.rounds, "threads": args.threads, "malloc": malloc or "glibc defaults",
+        "method": args.method, "formats": args.formats,
         "plain_s": round(p, 3), "dataset_s": round(d, 3), "overhead": round(d / p - 1.0, 4),
         "per_item_overhead_s": round((d - p) / len(items), 4),
         "stages_s (median round)": {k: round(v, 3) for k, v in stages[full.index(d)].items()} if d in full else {},

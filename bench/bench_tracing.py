@@ -23,6 +23,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from _malloc import use_tuned_malloc  # bench/ is on sys.path when run as a script
 
 from opendaam.cache import query_cache_bytes
 from opendaam.heatmaps import heatmaps
@@ -66,6 +67,7 @@ def _median_ms(fn, repeats: int) -> float:
 
 
 def main() -> None:
+    malloc = use_tuned_malloc()  # before anything is allocated: see bench/_malloc.py
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--size", type=int, default=256)
@@ -98,7 +100,7 @@ def main() -> None:
         "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "machine": f"{platform.machine()} {os.cpu_count()} cores, torch {torch.__version__}",
         "architecture": args.architecture, "size": args.size, "steps": args.steps, "rounds": args.rounds,
-        "threads": args.threads, "dtype": "float32",
+        "threads": args.threads, "dtype": "float32", "malloc": malloc or "glibc defaults",
         "seconds": {k: statistics.median(v) for k, v in times.items()},
         "ratio": {k: statistics.median(v) / base for k, v in times.items()},
         "ratio_of_minima": {k: min(v) / min(times["untraced"]) for k, v in times.items()},
