@@ -50,7 +50,7 @@ def main() -> None:
     for cls in dict.fromkeys(i.cls for i in items):
         chosen = [i for i in items if i.cls == cls]
         records = [load_record(args.data / i.record) for i in chosen]
-        masks = torch.stack([read_mask(args.data / i.mask, r.image_size) for i, r in zip(chosen, records)])
+        masks = torch.stack([read_mask(args.data / i.mask, r.image_size) for i, r in zip(chosen, records, strict=True)])
         test = slice(args.train, None)
         prior = masks.float().mean(0)  # (H, W): every ground-truth mask of the class
         maps = {
