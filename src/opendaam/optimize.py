@@ -285,7 +285,10 @@ class _OpenVocabObjective:
             for name, info in r.layers.items():
                 k = _keys(self.modules[name], x)  # (heads, 2, head_dim)
                 v = ((k[:, 0] - k[:, 1]) * info.scale).to(torch.bfloat16)  # (heads, head_dim)
-                score = torch.bmm(cache[name], v[:, :, None]).float()  # (heads, S*N, 1)
+                q = cache[name]  # (heads, S*N, head_dim) bf16
+                # one (S*N, d) @ (d, 1) product per head: forward and gradient 2.6x faster on CPU than a
+                # batched bmm or matrix-vector products (13 vs 35 ms for one 81 MB layer of SD 2-base)
+                score = torch.stack([(q[h] @ v[h, :, None])[:, 0] for h in range(info.heads)]).float()  # (heads, S*N)
                 obj = torch.sigmoid(score).view(info.heads, -1, info.pixels).sum((0, 1))  # (N,)
                 total = float(info.heads * (score.shape[1] // info.pixels))
                 per_layer[name] = torch.stack([obj, total - obj])  # (2, N): object, background
