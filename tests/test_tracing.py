@@ -163,3 +163,24 @@ def test_load_pipeline_roundtrip(tmp_path):
     assert np.array_equal(generate(pipe), generate(loaded))
     with pytest.raises(FileNotFoundError, match="model_index.json"):
         opendaam.load_pipeline(tmp_path)
+
+
+def test_one_trace_for_a_loop_equals_one_trace_per_call(tiny_pipe):
+    prompts = ["a red car", "a green tree"]
+    separate = []
+    for seed, prompt in enumerate(prompts):
+        with trace(tiny_pipe, prompt=prompt, meta={"seed": seed}) as tracer:
+            generate(tiny_pipe, prompt=prompt, seed=seed)
+        separate.append(tracer.records[0])
+    looped = []
+    with trace(tiny_pipe) as tracer:
+        for seed, prompt in enumerate(prompts):
+            tracer.next(prompt=prompt, meta={"seed": seed})
+            generate(tiny_pipe, prompt=prompt, seed=seed)
+            looped += tracer.pop_records()
+        assert tracer.records == []
+    assert [r.meta["prompt"] for r in looped] == prompts and [r.meta["seed"] for r in looped] == [0, 1]
+    assert [r.meta["index"] for r in looped] == [0, 1]
+    for a, b in zip(separate, looped, strict=True):
+        assert a.tokens == b.tokens
+        assert all(torch.equal(a.daam[n], b.daam[n]) for n in a.daam)

@@ -261,6 +261,7 @@ class Tracer:
         if self.prompts is not None:
             self._prompt_tokens = [tokenize_prompt(pipe, p) for p in self.prompts]
         self._records: list[Record] = []
+        self._made = 0
         self._pending: list[_Pending] = []
         self._gen_meta: dict = {}
         self._timesteps_obj = None
@@ -356,7 +357,8 @@ class Tracer:
         """Turn the open accumulators into records (builds the linear map matrix M)."""
         if not self._pending:
             return
-        first = len(self._records)
+        first = self._made  # images recorded before, popped or not
+        self._made += len(self._pending)
         for i, pending in enumerate(self._pending):
             self._records.append(self._to_record(pending, first + i, i))
         self._pending = []
@@ -481,6 +483,34 @@ class Tracer:
         """One :class:`Record` per generated image, in the pipeline's output order."""
         self._finish_generation()
         return list(self._records)
+
+    def next(self, prompt: str | Sequence[str] | None = None, meta: dict | None = None) -> None:
+        """Name the prompt(s) and extra metadata of the next pipeline calls' records, so that one trace
+        serves a loop of generations (installing and restoring processors walks the whole U-Net).
+
+        Example:
+            >>> from opendaam.models import build_pipeline
+            >>> pipe = build_pipeline("tiny")
+            >>> with trace(pipe) as tracer:
+            ...     for seed, prompt in enumerate(["a car", "a tree"]):
+            ...         tracer.next(prompt=prompt, meta={"seed": seed})
+            ...         _ = pipe(prompt, num_inference_steps=1, height=32, width=32, output_type="np")
+            ...         record = tracer.pop_records()[0]
+            ...         print(record.meta["prompt"], record.meta["seed"], len(tracer.records))
+            a car 0 0
+            a tree 1 0
+        """
+        self._finish_generation()  # records of earlier calls keep their own prompt and metadata
+        self.prompts = [prompt] if isinstance(prompt, str) else (list(prompt) if prompt is not None else None)
+        if self.prompts is not None:
+            self._prompt_tokens = [tokenize_prompt(self.pipe, p) for p in self.prompts]
+        self.extra_meta = dict(meta or {})
+
+    def pop_records(self) -> list[Record]:
+        """The records made so far (as :attr:`records`), removed from the tracer to free their memory."""
+        self._finish_generation()
+        taken, self._records = self._records, []
+        return taken
 
 
 def build_linear_map(

@@ -396,43 +396,51 @@ def _generate_items(spec: DatasetSpec, out: Path, pipe, todo: list[Item], call: 
                          linear=spec.method == "linear")
     queries = _class_queries(spec, pipe)
     ids = {c["name"]: c["id"] for c in class_table(spec)}
-    low, high = spec.thresholds.low, spec.thresholds.high
     desc = "dataset" if shard.world == 1 else f"dataset {shard.rank}/{shard.world}"
     bar = tqdm(todo, desc=desc, unit="img", disable=not progress, file=sys.stderr, dynamic_ncols=True)
     provenance = None
-    for item in bar:
-        start = time.perf_counter()
-        generator = torch.Generator().manual_seed(item.seed)
-        with trace(pipe, config, prompt=item.prompt, meta={"seed": item.seed, "dataset_index": item.index}) as tracer:
-            result = pipe(item.prompt, generator=generator, output_type="np", **call)
-        record = tracer.records[0]
-        generated = time.perf_counter()
+    with trace(pipe, config) as tracer:  # one trace for the loop: installing it walks the whole U-Net
+        for item in bar:
+            provenance = _generate_item(spec, out, pipe, tracer, item, call, digest, manifest, queries, ids,
+                                        provenance)
 
-        scores = class_scores(record, spec, item.classes, queries, pipe)  # (classes, H, W) float16
-        item_ids = [ids[name] for name in item.classes]
-        labels = label_map(scores.astype(np.float32), item_ids, low, high)  # (H, W) uint8
-        stats = mask_stats(labels, scores, item_ids, item.classes)
-        image = (np.clip(result.images[0], 0.0, 1.0) * 255).round().astype(np.uint8)  # (H, W, 3)
-        labelled = time.perf_counter()
 
-        files = item_files(item.key)
-        label_png = png_bytes(labels)
-        atomic_write(out / files["image"], png_bytes(image))
-        atomic_write(out / files["maps"], npz_bytes(dict(zip(item.classes, scores, strict=True))))
-        atomic_write(out / files["label"], label_png)
-        if provenance is None:
-            provenance = _provenance(spec, digest, call, pipe, record)
-        total = labels.size
-        entry = {
-            "index": item.index, "key": item.key, "prompt": item.prompt, "template": item.template,
-            "seed": item.seed, "classes": list(item.classes), "files": files,
-            "label_sha256": hashlib.sha256(label_png).hexdigest(), "masks": stats,
-            "background": round(float((labels == 0).sum()) / total, 6),
-            "ignored": round(float((labels == 255).sum()) / total, 6),
-            "provenance": provenance,
-        }
-        written = time.perf_counter()
-        entry[TIMING_KEY] = {"generate_s": round(generated - start, 4), "label_s": round(labelled - generated, 4),
-                             "write_s": round(written - labelled, 4)}
-        append_line(manifest, entry)  # last: the item counts as finished only once its files exist
-        del record, tracer
+def _generate_item(spec: DatasetSpec, out: Path, pipe, tracer, item: Item, call: dict, digest: str, manifest: Path,
+                   queries: dict[str, list], ids: dict[str, int], provenance: dict | None) -> dict:
+    """Generate, label and write one item, then append its manifest line; returns the shared provenance."""
+    low, high = spec.thresholds.low, spec.thresholds.high
+    start = time.perf_counter()
+    generator = torch.Generator().manual_seed(item.seed)
+    tracer.next(prompt=item.prompt, meta={"seed": item.seed, "dataset_index": item.index})
+    result = pipe(item.prompt, generator=generator, output_type="np", **call)
+    record = tracer.pop_records()[0]
+    generated = time.perf_counter()
+
+    scores = class_scores(record, spec, item.classes, queries, pipe)  # (classes, H, W) float16
+    item_ids = [ids[name] for name in item.classes]
+    labels = label_map(scores.astype(np.float32), item_ids, low, high)  # (H, W) uint8
+    stats = mask_stats(labels, scores, item_ids, item.classes)
+    image = (np.clip(result.images[0], 0.0, 1.0) * 255).round().astype(np.uint8)  # (H, W, 3)
+    labelled = time.perf_counter()
+
+    files = item_files(item.key)
+    label_png = png_bytes(labels)
+    atomic_write(out / files["image"], png_bytes(image))
+    atomic_write(out / files["maps"], npz_bytes(dict(zip(item.classes, scores, strict=True))))
+    atomic_write(out / files["label"], label_png)
+    if provenance is None:
+        provenance = _provenance(spec, digest, call, pipe, record)
+    total = labels.size
+    entry = {
+        "index": item.index, "key": item.key, "prompt": item.prompt, "template": item.template,
+        "seed": item.seed, "classes": list(item.classes), "files": files,
+        "label_sha256": hashlib.sha256(label_png).hexdigest(), "masks": stats,
+        "background": round(float((labels == 0).sum()) / total, 6),
+        "ignored": round(float((labels == 255).sum()) / total, 6),
+        "provenance": provenance,
+    }
+    written = time.perf_counter()
+    entry[TIMING_KEY] = {"generate_s": round(generated - start, 4), "label_s": round(labelled - generated, 4),
+                         "write_s": round(written - labelled, 4)}
+    append_line(manifest, entry)  # last: the item counts as finished only once its files exist
+    return provenance
