@@ -21,20 +21,10 @@ from pathlib import Path
 import torch
 
 from opendaam.cache import load_record
-from opendaam.experiments import CONTROL_WORD, load_items, read_mask
+from opendaam.experiments import CONTROL_WORD, center_box, load_items, read_mask
 from opendaam.heatmaps import heatmaps
 from opendaam.metrics import curve_summary, default_thresholds, threshold_curve
 from opendaam.models import set_threads
-
-
-def _box(prior: torch.Tensor) -> torch.Tensor:
-    """A centred box with the prior's mean area, ``(H, W)``."""
-    h, w = prior.shape
-    area = float(prior.mean())
-    bh, bw = max(1, round(h * area**0.5)), max(1, round(w * area**0.5))
-    box = torch.zeros(h, w)
-    box[(h - bh) // 2 : (h - bh) // 2 + bh, (w - bw) // 2 : (w - bw) // 2 + bw] = 1.0
-    return box
 
 
 def main() -> None:
@@ -56,7 +46,7 @@ def main() -> None:
         maps = {
             "daam": torch.stack([heatmaps(r, cls).soft[0] for r in records]),
             "class_prior": prior.expand(len(records), *prior.shape),
-            "center_box": _box(prior).expand(len(records), *prior.shape),
+            "center_box": center_box(prior).expand(len(records), *prior.shape),
             "control_word": torch.stack([heatmaps(r, CONTROL_WORD).soft[0] for r in records]),
         }
         first = records[0]

@@ -40,6 +40,7 @@ __all__ = [
     "ThesisConfig",
     "ToyWorldAnnotator",
     "ablation",
+    "center_box",
     "evaluate",
     "generate_items",
     "load_items",
@@ -242,14 +243,24 @@ def _prior(record: Record, cls: str, ctx: _Context) -> Tensor:
     return ctx.priors[cls]
 
 
-def _center_box(record: Record, cls: str, ctx: _Context) -> Tensor:
-    h, w = record.image_size
-    area = float(_prior(record, cls, ctx).mean())
+def center_box(prior: Tensor) -> Tensor:
+    """A centred box with the mean area of a class prior ``(H, W)`` (the "centred box" baseline).
+
+    Example:
+        >>> center_box(torch.full((4, 4), 0.25)).int().tolist()
+        [[0, 0, 0, 0], [0, 1, 1, 0], [0, 1, 1, 0], [0, 0, 0, 0]]
+    """
+    h, w = prior.shape
+    area = float(prior.mean())
     side_h, side_w = max(1, round(h * area**0.5)), max(1, round(w * area**0.5))
     box = torch.zeros(h, w)
     top, left = (h - side_h) // 2, (w - side_w) // 2
     box[top : top + side_h, left : left + side_w] = 1.0
     return box
+
+
+def _center_box(record: Record, cls: str, ctx: _Context) -> Tensor:
+    return center_box(_prior(record, cls, ctx))
 
 
 def _control_word(record: Record, cls: str, ctx: _Context) -> Tensor:

@@ -256,10 +256,7 @@ class Tracer:
         self.unet = pipe.unet
         all_layers = cross_attention_layers(self.unet)
         self.layers = _select_layers(all_layers, config.layers)
-        self.prompts = [prompt] if isinstance(prompt, str) else (list(prompt) if prompt is not None else None)
-        self.extra_meta = dict(meta or {})
-        if self.prompts is not None:
-            self._prompt_tokens = [tokenize_prompt(pipe, p) for p in self.prompts]
+        self._name(prompt, meta)
         self._records: list[Record] = []
         self._made = 0
         self._pending: list[_Pending] = []
@@ -327,7 +324,6 @@ class Tracer:
                 f"{self._n_images} images; pass the same prompt list to trace() and to the pipeline"
             )
         self._layer_info: dict[str, LayerInfo] = {}
-        self._key_cache: dict[str, tuple] = {}
         scheduled = getattr(getattr(self.pipe, "scheduler", None), "timesteps", None)
         self._capacity = len(self.config.steps) if self.config.steps is not None else (
             len(scheduled) if scheduled is not None else 64)
@@ -501,6 +497,10 @@ class Tracer:
             a tree 1 0
         """
         self._finish_generation()  # records of earlier calls keep their own prompt and metadata
+        self._name(prompt, meta)
+
+    def _name(self, prompt: str | Sequence[str] | None, meta: dict | None) -> None:
+        """Set the prompts (tokenized, checked against the 77-token limit) and metadata of coming records."""
         self.prompts = [prompt] if isinstance(prompt, str) else (list(prompt) if prompt is not None else None)
         if self.prompts is not None:
             self._prompt_tokens = [tokenize_prompt(self.pipe, p) for p in self.prompts]
