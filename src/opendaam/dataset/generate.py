@@ -186,6 +186,13 @@ def _claim_folder(out: Path, spec: DatasetSpec, digest: str, force: bool, spec_t
                   spec_name: str) -> None:
     """Create or check the dataset folder: refuse one made from another spec (or holding other files)."""
     header_path = out / "dataset.json"
+    if out.exists() and not header_path.exists():
+        others = [p.name for p in out.iterdir() if not p.name.endswith(".tmp")]
+        # another shard may have written its header (always its first file) since the check above
+        if others and not force and not header_path.exists():
+            found = ", ".join(sorted(others)[:3])
+            raise DatasetError(f"{out} is not empty and holds no opendaam dataset (found {found}); choose "
+                               "another --out, or pass --force to write into it anyway")
     if header_path.exists():
         try:
             old = json.loads(header_path.read_text())
@@ -196,12 +203,6 @@ def _claim_folder(out: Path, spec: DatasetSpec, digest: str, force: bool, spec_t
                 f"{out} holds a dataset made from a different spec (hash {str(old.get('spec_hash'))[:12]}, this "
                 f"spec {digest[:12]}); choose another --out, or pass --force to regenerate it from this spec"
             )
-    elif out.exists():
-        others = [p.name for p in out.iterdir() if not p.name.endswith(".tmp")]
-        if others and not force:
-            found = ", ".join(sorted(others)[:3])
-            raise DatasetError(f"{out} is not empty and holds no opendaam dataset (found {found}); choose "
-                               "another --out, or pass --force to write into it anyway")
     header = json.dumps(_dataset_header(spec, digest), indent=2, sort_keys=True) + "\n"
     if not header_path.exists() or header_path.read_text() != header:
         atomic_write(header_path, header)
