@@ -6,6 +6,7 @@ import torch.nn.functional as F
 from conftest import generate
 
 import opendaam
+from opendaam import tracing
 from opendaam.cache import load_record
 from opendaam.heatmaps import heatmaps
 from opendaam.models import cross_attention_layers
@@ -87,6 +88,31 @@ def test_daam_follows_text_states_changed_between_steps(tiny_pipe, in_place):
         generate(tiny_pipe, prompt=PROMPT, **kwargs)
     maps = heatmaps(tracer.records[0], [1, 2, 3])
     assert torch.allclose(maps.latent, reference[1:4], atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("steps_per_batch", [1, 2])
+def test_batched_steps_record_the_same(tiny_pipe, monkeypatch, steps_per_batch):
+    """Layers computed a few steps at a time (buffer full, flushed, the rest at the end) or one step at a
+    time give the record of the default, where each of these small layers holds all its steps."""
+    kwargs = dict(num_inference_steps=5, height=32, width=48)
+    options = dict(queries=True, query_dtype="float32", daam_per_step=True, linear_layers=True)
+    with trace(tiny_pipe, prompt=PROMPT, **options) as tracer:
+        generate(tiny_pipe, prompt=PROMPT, **kwargs)
+    whole = tracer.records[0]
+    modules = cross_attention_layers(tiny_pipe.unet)
+    step_bytes = max(info.pixels * modules[n].to_q.in_features * 4 for n, info in whole.layers.items())
+    monkeypatch.setattr(tracing, "_BUFFER_BYTES", steps_per_batch * step_bytes)
+    with trace(tiny_pipe, prompt=PROMPT, **options) as tracer:
+        generate(tiny_pipe, prompt=PROMPT, **kwargs)
+    parts = tracer.records[0]
+    assert len(whole.steps) == 5 and whole.layers == parts.layers  # 2 + 2 + 1 steps per batch
+    for field in ("daam", "daam_steps", "queries", "query_sums"):
+        a, b = getattr(whole, field), getattr(parts, field)
+        assert a.keys() == b.keys() == whole.layers.keys()
+        for name in a:
+            assert a[name].shape == b[name].shape
+            assert torch.allclose(a[name].float(), b[name].float(), atol=1e-5, rtol=1e-4), (field, name)
+    assert torch.allclose(whole.linear_map, parts.linear_map, atol=1e-5, rtol=1e-4)
 
 
 def test_open_vocab_with_generating_prompt_equals_daam(traced, tiny_pipe):

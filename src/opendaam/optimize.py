@@ -11,6 +11,7 @@ Fifth layer of opendaam: imports models, tracing, cache and heatmaps only.
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 from collections.abc import Callable, Sequence
@@ -53,12 +54,15 @@ class OptimizeConfig:
     tau: float = 0.4  # threshold of the train mIoU reported to the callback
     seed: int = 0  # seeds the background token's initialization (open_vocab)
     progress: bool = True  # show a progress bar
+    queries: str = "auto"  # open_vocab: int8 caches run int8 kernels (half the bytes); "int8" quantizes others
 
     def __post_init__(self):
         if self.method not in ("linear", "open_vocab"):
             raise ValueError(f"method must be 'linear' or 'open_vocab', not {self.method!r}")
         if self.size not in ("image", "latent"):
             raise ValueError(f"size must be 'image' or 'latent', not {self.size!r}")
+        if self.queries not in ("auto", "bfloat16", "int8"):
+            raise ValueError(f"queries must be 'auto', 'bfloat16' or 'int8', not {self.queries!r}")
         if self.loss not in LOSSES:
             raise ValueError(f"unknown loss {self.loss!r}; choose one of: {', '.join(LOSSES)}")
 
@@ -255,15 +259,91 @@ class _LinearObjective:
         return torch.matmul(self.m, x[0]) + self.bias  # (N, P): one map per image for the object row
 
 
+def _pad_to(t: Tensor, dim: int, multiple: int) -> Tensor:
+    """``t`` zero-padded along ``dim`` to a multiple of ``multiple``."""
+    extra = -t.shape[dim] % multiple
+    if not extra:
+        return t
+    shape = list(t.shape)
+    shape[dim] = extra
+    return torch.cat([t, t.new_zeros(shape)], dim=dim)
+
+
+@functools.cache
+def _int8_kernel_ok() -> bool:
+    """Whether torch's int8-weight matmul (``aten._weight_int8pack_mm``, a private op) exists and agrees
+    with a float product here; it returned garbage for bfloat16 inputs whose inner size was not a multiple of
+    16 and crashed for size 3, so inputs are padded to 16 and this check runs once before first use."""
+    op = getattr(torch.ops.aten, "_weight_int8pack_mm", None)
+    if op is None:
+        return False
+    gen = torch.Generator().manual_seed(0)
+    try:
+        for rows, inner in ((37, 16), (8, 64), (130, 32)):
+            a = torch.randn(1, inner, generator=gen).to(torch.bfloat16)
+            b = torch.randint(-127, 128, (rows, inner), generator=gen, dtype=torch.int8)
+            scales = (torch.rand(rows, generator=gen) + 0.5).to(torch.bfloat16)
+            got = op(a, b, scales).float()  # (1, rows)
+            want = a.float() @ (b.float() * scales.float()[:, None]).T
+            if got.shape != want.shape or not bool(((got - want).abs().max() <= 2e-2 * want.abs().max()).item()):
+                return False
+    except (RuntimeError, NotImplementedError):
+        return False
+    return True
+
+
+class _Int8Scores(torch.autograd.Function):
+    """Scores ``(heads, R)`` of int8 query codes with per-row scales against one vector per head, and the
+    vectors' gradient, both as int8-weight matmuls: half the bytes of a bfloat16 cache per pass."""
+
+    @staticmethod
+    def forward(ctx, v: Tensor, layer: dict) -> Tensor:
+        op = torch.ops.aten._weight_int8pack_mm
+        heads, head_dim = v.shape
+        vb = _pad_to(v.detach().to(torch.bfloat16), 1, 16)  # (heads, d16)
+        out = torch.cat([op(vb[h : h + 1], layer["codes"][h], layer["scales"][h]) for h in range(heads)])  # (heads, R)
+        ctx.layer, ctx.head_dim = layer, head_dim
+        return out.float()
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        op = torch.ops.aten._weight_int8pack_mm
+        layer = ctx.layer
+        weighted = _pad_to((grad * layer["scales_f"]).to(torch.bfloat16), 1, 16)  # (heads, R16)
+        ones = layer["ones"]
+        dv = torch.cat([op(weighted[h : h + 1], layer["codes_t"][h], ones) for h in range(len(weighted))])
+        return dv.float()[:, : ctx.head_dim], None  # (heads, head_dim)
+
+
+def _int8_layer(codes: Tensor, scales: Tensor) -> dict:
+    """Kernel inputs of one layer from codes ``(heads, R, head_dim)`` int8 and row scales ``(heads, R)``."""
+    heads, rows, head_dim = codes.shape
+    return {
+        "codes": _pad_to(codes, 2, 16).contiguous(),  # (heads, R, d16) int8
+        "codes_t": _pad_to(codes.transpose(1, 2), 2, 16).contiguous(),  # (heads, d, R16) int8
+        "scales": scales.to(torch.bfloat16).contiguous(),  # (heads, R)
+        "scales_f": scales.float().contiguous(),  # (heads, R)
+        "ones": torch.ones(head_dim, dtype=torch.bfloat16),  # the gradient's rows carry no scale
+    }
+
+
+def _quantize_rows(q: Tensor) -> tuple[Tensor, Tensor]:
+    """Absmax int8 codes ``(..., d)`` and scales ``(...)`` of float queries, one scale per row."""
+    scale = q.abs().amax(dim=-1).clamp_min(1e-12) / 127.0  # (...)
+    return torch.round(q / scale.unsqueeze(-1)).clamp_(-127, 127).to(torch.int8), scale
+
+
 class _OpenVocabObjective:
     """Softmax maps of X' = [object, background] on N images from their query caches.
 
     With two tokens the softmax is a sigmoid of the score difference, so each layer needs one product of
-    the cached queries with ``W_k (x_obj - x_bg)`` per head; queries are kept in bfloat16, laid out
-    ``(heads, steps * N, head_dim)`` once, so an epoch streams the cache twice (forward and gradient).
+    the cached queries with ``W_k (x_obj - x_bg)`` per head; queries are laid out ``(heads, steps * N,
+    head_dim)`` once, so an epoch streams the cache twice (forward and gradient). An int8 cache is streamed
+    as int8 codes through int8-weight matmuls (half the bytes); a float cache in bfloat16, unless
+    ``queries="int8"`` quantizes it (one scale per head, step and pixel, as ``trace(query_dtype="int8")``).
     """
 
-    def __init__(self, records: Sequence[Record], pipe):
+    def __init__(self, records: Sequence[Record], pipe, queries_as: str = "auto"):
         if pipe is None:
             raise ValueError("open_vocab optimization needs the pipeline's attention keys: pass pipe=...")
         self.records = records
@@ -272,23 +352,59 @@ class _OpenVocabObjective:
         for r in records:
             if not r.queries:
                 raise ValueError("open_vocab optimization needs records traced with queries=True")
+            int8 = queries_as == "int8" or (queries_as == "auto" and bool(r.query_scales))
+            if int8 and not _int8_kernel_ok():
+                if queries_as == "int8":
+                    raise RuntimeError("queries='int8' needs torch's int8-weight matmul, which is missing or "
+                                       "wrong in this torch build; use queries='bfloat16'")
+                int8 = False
             per_layer = {}
             for name, info in r.layers.items():
-                q = queries(r, name).transpose(0, 1)  # (heads, S, N, head_dim)
-                per_layer[name] = q.reshape(info.heads, -1, info.head_dim).to(torch.bfloat16).contiguous()
+                if int8 and name in r.query_scales:  # the record's own codes: no further rounding
+                    codes = r.queries[name].transpose(0, 1).reshape(info.heads, -1, info.head_dim)  # (heads, S*N, d)
+                    scales = r.query_scales[name].transpose(0, 1).reshape(info.heads, -1)  # (heads, S*N)
+                    per_layer[name] = _int8_layer(codes, scales)
+                    continue
+                q = queries(r, name).transpose(0, 1).reshape(info.heads, -1, info.head_dim)  # (heads, S*N, d)
+                per_layer[name] = _int8_layer(*_quantize_rows(q)) if int8 else q.to(torch.bfloat16).contiguous()
             self.cache.append(per_layer)
+        # Only W_k (x_obj - x_bg) enters the scores (a key bias cancels): with linear keys, all layers' scaled
+        # W_k stacked in bfloat16 (the precision v is streamed in) make the vectors of an epoch one product.
+        first = records[0].layers
+        self.stacked = None
+        if all(info.key_linear for info in first.values()) and not any(
+                m.norm_cross or m.norm_k is not None for m in self.modules.values()):
+            self.stacked = torch.cat([self.modules[n].to_k.weight.detach().float() * info.scale
+                                      for n, info in first.items()]).to(torch.bfloat16)  # (sum inner, D)
+            self.splits = [info.heads * info.head_dim for info in first.values()]
+
+    def _vectors(self, x: Tensor) -> dict[str, Tensor]:
+        """Per layer ``(heads, head_dim)``: the scaled key difference of the object and background rows."""
+        layers = self.records[0].layers
+        if self.stacked is not None:
+            flat = F.linear((x[0] - x[1]).to(torch.bfloat16), self.stacked).float()  # (sum inner,)
+            return {n: part.view(info.heads, info.head_dim)
+                    for (n, info), part in zip(layers.items(), flat.split(self.splits), strict=True)}
+        vectors = {}
+        for name, info in layers.items():
+            k = _keys(self.modules[name], x)  # (heads, 2, head_dim)
+            vectors[name] = (k[:, 0] - k[:, 1]) * info.scale  # (heads, head_dim)
+        return vectors
 
     def __call__(self, x: Tensor) -> Tensor:
         maps = []
+        vectors = self._vectors(x)
         for r, cache in zip(self.records, self.cache, strict=True):
             per_layer = {}
             for name, info in r.layers.items():
-                k = _keys(self.modules[name], x)  # (heads, 2, head_dim)
-                v = ((k[:, 0] - k[:, 1]) * info.scale).to(torch.bfloat16)  # (heads, head_dim)
-                q = cache[name]  # (heads, S*N, head_dim) bf16
-                # one (S*N, d) @ (d, 1) product per head: forward and gradient 2.6x faster on CPU than a
-                # batched bmm or matrix-vector products (13 vs 35 ms for one 81 MB layer of SD 2-base)
-                score = torch.stack([(q[h] @ v[h, :, None])[:, 0] for h in range(info.heads)]).float()  # (heads, S*N)
+                v = vectors[name]  # (heads, head_dim)
+                q = cache[name]
+                if isinstance(q, dict):
+                    score = _Int8Scores.apply(v, q)  # (heads, S*N)
+                else:  # (heads, S*N, head_dim) bf16: one (S*N, d) @ (d, 1) product per head, forward and
+                    # gradient 2.6x faster on CPU than a batched bmm (13 vs 35 ms for one 81 MB SD 2 layer)
+                    vb = v.to(torch.bfloat16)
+                    score = torch.stack([(q[h] @ vb[h, :, None])[:, 0] for h in range(info.heads)]).float()
                 obj = torch.sigmoid(score).view(info.heads, -1, info.pixels).sum((0, 1))  # (N,)
                 total = float(info.heads * (score.shape[1] // info.pixels))
                 per_layer[name] = torch.stack([obj, total - obj])  # (2, N): object, background
@@ -364,7 +480,7 @@ def optimize_token(
         objective = _LinearObjective(records)
         rows = [x0]
     else:
-        objective = _OpenVocabObjective(records, pipe)
+        objective = _OpenVocabObjective(records, pipe, cfg.queries)
         gen = torch.Generator().manual_seed(cfg.seed)
         rows = [x0, torch.randn(x0.shape, generator=gen) * x0.std()]  # object, background
     x = torch.nn.Parameter(torch.stack(rows))  # (tokens, D)
