@@ -34,6 +34,18 @@ def test_main_object_is_large(cls):
     assert min(fractions) > 0.02 and 0.05 < float(np.mean(fractions)) < 0.4
 
 
+def test_cars_stand_at_many_depths():
+    """Cars move up the road and shrink with depth, so the mean car mask is no car detector."""
+    lowest, areas = [], []
+    for seed in range(80):
+        mask = render_scene(seed, cls="car").mask("car")
+        lowest.append(int(np.nonzero(mask)[0].max()))
+        areas.append(float(mask.mean()))
+    assert max(lowest) - min(lowest) >= 16  # wheels anywhere from just under the kerb to the image's bottom
+    assert min(areas) < 0.08 < 0.16 < max(areas)  # far cars small, near cars large
+    assert np.corrcoef(lowest, areas)[0, 1] > 0.5  # nearer (lower) cars are larger
+
+
 def test_traffic_light_pole_is_pole_over_many_seeds():
     with_pole = 0
     for seed in range(60):

@@ -323,11 +323,15 @@ def _car(p: _Painter, rng: np.random.Generator, road_top: int, size: int, scale:
     """A side-view car on the road; body, cabin, windows, wheels and lights are all ``car``."""
     name = _CAR_PAINTS[int(rng.integers(len(_CAR_PAINTS)))]
     paint = _jitter(rng, _PAINTS[name], 10)
+    # Depth 0 (far) to 1 (near): a farther car stands higher on the road and is drawn smaller (perspective),
+    # so the mean car mask is not a car detector (the first bundled model's world parked every car at the bottom).
+    depth = float(rng.random())
+    scale = scale * (0.7 + 0.3 * depth)
     w = int(round(rng.integers(42, 58) * scale))
     body_h = int(round(rng.integers(11, 15) * scale))
     cabin_h = int(round(rng.integers(8, 12) * scale))
     r = max(3, int(round(rng.integers(5, 7) * scale)))
-    bottom = int(rng.integers(max(road_top + 8, size - 12), size))
+    bottom = min(size - 1, int(round(road_top + 8 + depth * (size - 1 - road_top - 8))) + int(rng.integers(-2, 3)))
     x0 = int(rng.integers(-4, size - w + 5))
     axle = bottom - r
     body_top = axle - body_h + 2
