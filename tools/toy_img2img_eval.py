@@ -19,17 +19,16 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from opendaam.metrics import confusion, iou_score
 from opendaam.models import load_pipeline, set_threads
 from opendaam.toyworld.annotate import SEG_LABELS, annotate, load_annotator
 from opendaam.toyworld.scene import CLASSES, LABEL_IDS, render_scene, template_caption
 
 
-def _iou(pred: np.ndarray, truth: np.ndarray, name: str) -> float | None:
-    """IoU of one label over the given images, None when neither side has it."""
+def _stats(pred: np.ndarray, truth: np.ndarray, name: str) -> torch.Tensor:
+    """Per-image confusion counts ``(n, 4)`` of one label in label maps ``(n, H, W)``."""
     k = LABEL_IDS[name]
-    p, g = pred == k, truth == k
-    union = (p | g).sum()
-    return float((p & g).sum() / union) if union else None
+    return confusion(torch.from_numpy(pred == k), torch.from_numpy(truth == k))
 
 
 def main() -> None:
@@ -51,9 +50,10 @@ def main() -> None:
         images = pipe([template_caption(c) for c in classes], image=[s.pil() for s in scenes], strength=strength,
                       num_inference_steps=20, guidance_scale=5.0, generator=torch.Generator().manual_seed(0)).images
         pred = annotate(images, net)
-        per_class = {n: round(v, 3) for n in SEG_LABELS if (v := _iou(pred, truth, n)) is not None}
-        objects = {c: round(float(np.mean([_iou(pred[i : i + 1], truth[i : i + 1], c)
-                                           for i in range(args.scenes) if classes[i] == c])), 3) for c in CLASSES}
+        pooled = {n: float(iou_score(_stats(pred, truth, n).sum(0))) for n in SEG_LABELS}  # over all images
+        per_class = {n: round(v, 3) for n, v in pooled.items() if not np.isnan(v)}
+        chosen = {c: [i for i in range(args.scenes) if classes[i] == c] for c in CLASSES}
+        objects = {c: round(float(iou_score(_stats(pred, truth, c)[chosen[c]]).mean()), 3) for c in CLASSES}
         result[str(strength)] = {"mIoU": round(float(np.mean(list(per_class.values()))), 3), "object_iou": objects,
                                  "per_class": per_class, "pixel_acc": round(float((pred == truth).mean()), 3)}
         print(strength, result[str(strength)], flush=True)

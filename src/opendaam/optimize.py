@@ -27,7 +27,7 @@ from torch import Tensor
 from opendaam._io import atomic_write_with
 from opendaam.cache import queries
 from opendaam.heatmaps import _key_modules, _keys, _to_latent, encode_text, find_tokens
-from opendaam.tracing import Record, upsample
+from opendaam.tracing import Record, _store_queries, upsample
 
 __all__ = [
     "LOSSES",
@@ -327,12 +327,6 @@ def _int8_layer(codes: Tensor, scales: Tensor) -> dict:
     }
 
 
-def _quantize_rows(q: Tensor) -> tuple[Tensor, Tensor]:
-    """Absmax int8 codes ``(..., d)`` and scales ``(...)`` of float queries, one scale per row."""
-    scale = q.abs().amax(dim=-1).clamp_min(1e-12) / 127.0  # (...)
-    return torch.round(q / scale.unsqueeze(-1)).clamp_(-127, 127).to(torch.int8), scale
-
-
 class _OpenVocabObjective:
     """Softmax maps of X' = [object, background] on N images from their query caches.
 
@@ -366,14 +360,14 @@ class _OpenVocabObjective:
                     per_layer[name] = _int8_layer(codes, scales)
                     continue
                 q = queries(r, name).transpose(0, 1).reshape(info.heads, -1, info.head_dim)  # (heads, S*N, d)
-                per_layer[name] = _int8_layer(*_quantize_rows(q)) if int8 else q.to(torch.bfloat16).contiguous()
+                # int8: the tracer's own storage (absmax codes, one fp16 scale per head, step and pixel)
+                per_layer[name] = _int8_layer(*_store_queries(q, "int8")) if int8 else q.to(torch.bfloat16).contiguous()
             self.cache.append(per_layer)
         # Only W_k (x_obj - x_bg) enters the scores (a key bias cancels): with linear keys, all layers' scaled
         # W_k stacked in bfloat16 (the precision v is streamed in) make the vectors of an epoch one product.
         first = records[0].layers
         self.stacked = None
-        if all(info.key_linear for info in first.values()) and not any(
-                m.norm_cross or m.norm_k is not None for m in self.modules.values()):
+        if not any(m.norm_cross or m.norm_k is not None for m in self.modules.values()):
             self.stacked = torch.cat([self.modules[n].to_k.weight.detach().float() * info.scale
                                       for n, info in first.items()]).to(torch.bfloat16)  # (sum inner, D)
             self.splits = [info.heads * info.head_dim for info in first.values()]
