@@ -6,7 +6,8 @@ depend on values; no generation is needed), then times, in one process:
 
 * opendaam's linear optimization (one batched ``M x`` per epoch) and open-vocabulary optimization
   ([object, background] through the softmax of the cached queries), from an fp16 query cache (streamed in
-  bfloat16) and from an int8 one (``trace(query_dtype="int8")``, streamed as int8 codes);
+  bfloat16) and from an int8 one (``trace(query_dtype="int8")``, streamed as int8 codes through opendaam's
+  fused native kernels, and through torch's int8-weight matmul for comparison);
 * a straightforward loop-per-timestep reimplementation (Python loops over steps and layers each epoch,
   each map upsampled and summed, as OVAM's optimizer does), for both methods.
 
@@ -123,14 +124,14 @@ def int8_record(record: Record) -> Record:
                   linear_map=record.linear_map, linear_bias=record.linear_bias)
 
 
-def time_opendaam(record, pipe, method: str, epochs: int, mask) -> float:
+def time_opendaam(record, pipe, method: str, epochs: int, mask, **options) -> float:
     """Seconds per epoch per image of :func:`optimize_token`: the median time between the per-epoch callbacks
     (setup, such as laying out the query cache, is outside every interval)."""
     kwargs = dict(init=torch.randn(record.meta["text_dim"]), method=method, pipe=pipe, progress=False,
                   size="latent", patience=10**6)
     stamps = []
     optimize_token([record], [mask], epochs=epochs + 1, callback=lambda entry: stamps.append(time.perf_counter()),
-                   **kwargs)
+                   **kwargs, **options)
     return statistics.median(b - a for a, b in zip(stamps, stamps[1:], strict=False))
 
 
@@ -161,8 +162,13 @@ def main() -> None:
     }
     result["linear_s_per_epoch"] = time_opendaam(record, pipe, "linear", args.epochs * 20, mask)
     result["open_vocab_s_per_epoch"] = time_opendaam(record, pipe, "open_vocab", args.epochs, mask)
-    result["open_vocab_int8_s_per_epoch"] = time_opendaam(int8_record(record), pipe, "open_vocab", args.epochs,
-                                                          mask)
+    from opendaam import _kernels
+
+    result["native_kernels"] = _kernels.available()
+    int8 = int8_record(record)
+    result["open_vocab_int8_s_per_epoch"] = time_opendaam(int8, pipe, "open_vocab", args.epochs, mask)
+    result["open_vocab_int8_torch_s_per_epoch"] = time_opendaam(int8, pipe, "open_vocab", args.epochs, mask,
+                                                                native=False)
     for method, fn in (("linear", loop_linear_epoch), ("open_vocab", loop_open_vocab_epoch)):
         rows = 2 if method == "open_vocab" else 1
         x = torch.nn.Parameter(torch.randn(rows, record.meta["text_dim"])[0 if rows == 1 else slice(None)])
@@ -175,8 +181,9 @@ def main() -> None:
         result[f"loop_{method}_s_per_epoch"] = statistics.median(times)
     result["speedup_linear"] = result["loop_linear_s_per_epoch"] / result["linear_s_per_epoch"]
     result["speedup_open_vocab"] = result["loop_open_vocab_s_per_epoch"] / result["open_vocab_s_per_epoch"]
-    result["speedup_open_vocab_int8"] = (result["loop_open_vocab_s_per_epoch"]
-                                         / result["open_vocab_int8_s_per_epoch"])
+    for key in ("int8", "int8_torch"):
+        result[f"speedup_open_vocab_{key}"] = (result["loop_open_vocab_s_per_epoch"]
+                                               / result[f"open_vocab_{key}_s_per_epoch"])
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=2))

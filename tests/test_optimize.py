@@ -67,27 +67,49 @@ def test_open_vocab_optimization(records, tiny_pipe):
     assert _iou(got, torch.as_tensor(targets[1])) > 0.8
 
 
+def _native_expected() -> bool:
+    """This machine can build the native kernels: x86-64 with AVX-512 VNNI and a C compiler."""
+    import platform
+    import shutil
+
+    try:
+        flags = open("/proc/cpuinfo").read()
+    except OSError:
+        return False
+    return (platform.machine() == "x86_64" and "avx512_vnni" in flags and "avx512bw" in flags
+            and (shutil.which("cc") or shutil.which("gcc")) is not None)
+
+
+@pytest.mark.parametrize("kernel", ["native", "torch int8 matmul"])
 @pytest.mark.parametrize("source", ["quantized here", "int8 record"])
-def test_open_vocab_int8_kernels_match_float_objective(records, tiny_pipe, source):
-    """The int8 path (codes through int8-weight matmuls) gives the maps and gradient of the float path on the
-    same codes: dequantized int8 queries through the float code."""
+def test_open_vocab_int8_kernels_match_float_objective(records, tiny_pipe, source, kernel):
+    """The int8 paths (fused native kernels, or codes through torch's int8-weight matmuls) give the maps and
+    gradient of the float path on the same codes: dequantized int8 queries through the float code."""
+    from opendaam import _kernels
     from opendaam.optimize import _int8_kernel_ok, _OpenVocabObjective
 
-    assert _int8_kernel_ok()  # torch 2.13 CPU has the op; the suite must exercise the int8 path
+    native = kernel == "native"
+    if native:
+        if not _native_expected():
+            pytest.skip("no AVX-512 VNNI CPU or C compiler here")
+        assert _kernels.available()  # where it can build, the suite must exercise the native path
+    else:
+        assert _int8_kernel_ok()  # torch 2.13 CPU has the op; the suite must exercise the int8 path
     if source == "int8 record":
         with trace(tiny_pipe, prompt="a red car", queries=True, query_dtype="int8") as tracer:
             generate(tiny_pipe, prompt="a red car", num_inference_steps=3, height=32, width=32)
         recs = tracer.records
-        fast = _OpenVocabObjective(recs, tiny_pipe, "auto")
+        fast = _OpenVocabObjective(recs, tiny_pipe, "auto", native=native)
     else:
         recs = records
-        fast = _OpenVocabObjective(recs, tiny_pipe, "int8")
-    assert all(isinstance(layer, dict) for layer in fast.cache[0].values())
+        fast = _OpenVocabObjective(recs, tiny_pipe, "int8", native=native)
+    assert all(isinstance(layer, dict) and layer.get("native", False) == native for layer in fast.cache[0].values())
     slow = _OpenVocabObjective(recs, tiny_pipe, "bfloat16")
     for cache, layer_cache in zip(slow.cache, fast.cache, strict=True):  # the float path on the same codes
         for name, layer in layer_cache.items():
             d = recs[0].layers[name].head_dim
-            codes = layer["codes"][..., :d].float() * layer["scales_f"].unsqueeze(-1)  # (heads, R, d)
+            scales = layer["scales_h" if native else "scales_f"].float()
+            codes = layer["codes"][..., :d].float() * scales.unsqueeze(-1)  # (heads, R, d)
             cache[name] = codes.to(torch.bfloat16)
     dim = recs[0].linear_map.shape[1]
     x1 = torch.randn(2, dim, generator=torch.Generator().manual_seed(3), requires_grad=True)
@@ -99,6 +121,60 @@ def test_open_vocab_int8_kernels_match_float_objective(records, tiny_pipe, sourc
     (a * weights).sum().backward()
     (b * weights).sum().backward()
     assert F.cosine_similarity(x1.grad.flatten(), x2.grad.flatten(), dim=0) > 0.999
+
+
+@pytest.mark.parametrize("queries", ["bfloat16", "int8"])
+def test_open_vocab_objective_equals_heatmaps(records, tiny_pipe, queries):
+    """The objective's object and background maps are heatmaps' open-vocabulary maps of the two rows (softmax
+    over them), computed another way: per layer, upsampled one by one, from the fp16 cache."""
+    from opendaam.optimize import _OpenVocabObjective
+
+    dim = records[0].linear_map.shape[1]
+    x = torch.randn(2, dim, generator=torch.Generator().manual_seed(5))
+    got = _OpenVocabObjective(records, tiny_pipe, queries)(x)  # (N, 2, P)
+    for i, rec in enumerate(records):
+        want = heatmaps(rec, [x[0:1], x[1:2]], "open_vocab", pipe=tiny_pipe).latent.flatten(1)  # (2, P)
+        assert got[i].shape == want.shape
+        assert torch.allclose(got[i], want, rtol=0, atol=2e-2 * float(want.abs().max()))
+        assert (got[i] - want).abs().mean() < 3e-3 * float(want.abs().max())
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize("shape", [(2, 3, 16, 16), (3, 2, 5, 48), (4, 31, 64, 64), (1, 2, 300, 80), (2, 1, 7, 128)])
+def test_native_kernels_match_float64_reference(shape, threads):
+    """Fused forward (map) and gradient against an einsum in float64, on head sizes with an odd number of
+    16-element chunks, row counts that are not multiples of 16, and blocks of the gradient's quantization."""
+    from opendaam import _kernels
+
+    if not _native_expected():
+        pytest.skip("no AVX-512 VNNI CPU or C compiler here")
+    heads, steps, n, d = shape
+    gen = torch.Generator().manual_seed(sum(shape))
+    codes = torch.randint(-127, 128, (heads, steps * n, d), generator=gen, dtype=torch.int8)
+    scales = (torch.rand(heads, steps * n, generator=gen) * 0.03).half()
+    v = torch.randn(heads, d, generator=gen)
+    g = torch.randn(n, generator=gen)
+    s = torch.einsum("hrd,hd->hr", codes.double(), v.double()) * scales.double()  # (H, R)
+    p = torch.sigmoid(s)
+    want_map = p.view(heads, steps, n).sum((0, 1))
+    w = (p * (1 - p)).view(heads, steps, n) * g.double() * scales.double().view(heads, steps, n)
+    want_grad = torch.einsum("hr,hrd->hd", w.flatten(1), codes.double())
+    old = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        prob, got_map = _kernels.int8_forward(codes, scales, v, steps, n)
+        got_grad = _kernels.int8_backward(codes, scales, prob, g, steps, n)
+    finally:
+        torch.set_num_threads(old)
+    assert got_map.shape == (n,) and got_grad.shape == (heads, d)
+    assert (prob.double() - p).abs().max() < 1e-3
+    assert torch.allclose(got_map.double(), want_map, rtol=1e-4, atol=1e-3)
+    # the gradient reads fp16 probabilities: p (1 - p) to ~1e-3 of its size
+    assert torch.allclose(got_grad.double(), want_grad, atol=4e-3 * float(want_grad.abs().max()))
+    with pytest.raises(ValueError, match="multiple of 16"):
+        _kernels.int8_forward(codes[..., :-1].contiguous(), scales, v[:, :-1], steps, n)
+    with pytest.raises(ValueError, match="rows are not"):
+        _kernels.int8_forward(codes, scales, v, steps + 1, n)
 
 
 def test_queries_option_validated():

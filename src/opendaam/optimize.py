@@ -24,9 +24,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from opendaam import _kernels
 from opendaam._io import atomic_write_with
 from opendaam.cache import queries
-from opendaam.heatmaps import _key_modules, _keys, _to_latent, encode_text, find_tokens
+from opendaam.heatmaps import _key_modules, _keys, encode_text, find_tokens
 from opendaam.tracing import Record, _store_queries, upsample
 
 __all__ = [
@@ -55,6 +56,7 @@ class OptimizeConfig:
     seed: int = 0  # seeds the background token's initialization (open_vocab)
     progress: bool = True  # show a progress bar
     queries: str = "auto"  # open_vocab: int8 caches run int8 kernels (half the bytes); "int8" quantizes others
+    native: bool = True  # int8 caches: fused C kernels (compiled at first use) when this machine can build them
 
     def __post_init__(self):
         if self.method not in ("linear", "open_vocab"):
@@ -315,9 +317,38 @@ class _Int8Scores(torch.autograd.Function):
         return dv.float()[:, : ctx.head_dim], None  # (heads, head_dim)
 
 
-def _int8_layer(codes: Tensor, scales: Tensor) -> dict:
-    """Kernel inputs of one layer from codes ``(heads, R, head_dim)`` int8 and row scales ``(heads, R)``."""
+class _NativeInt8Map(torch.autograd.Function):
+    """Object map ``(N,)`` of one layer, summed over heads and steps, and the gradient of its vectors, from
+    int8 codes through opendaam's fused kernels (one pass over the codes each way)."""
+
+    @staticmethod
+    def forward(ctx, v: Tensor, layer: dict) -> Tensor:
+        codes = layer["codes"]
+        vp = _pad_to(v.detach().float(), 1, 16)  # (heads, d16)
+        # one probability buffer per layer, reused by the next epoch once this one's gradient has run
+        free = layer.get("free")
+        layer["free"] = None
+        prob, obj = _kernels.int8_forward(codes, layer["scales_h"], vp, layer["steps"], layer["pixels"], out=free)
+        ctx.layer, ctx.head_dim, ctx.prob = layer, v.shape[1], prob
+        return obj  # (N,)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        layer = ctx.layer
+        dv = _kernels.int8_backward(layer["codes"], layer["scales_h"], ctx.prob, grad, layer["steps"],
+                                    layer["pixels"])
+        layer["free"], ctx.prob = ctx.prob, None
+        return dv[:, : ctx.head_dim], None  # (heads, head_dim)
+
+
+def _int8_layer(codes: Tensor, scales: Tensor, pixels: int, native: bool) -> dict:
+    """Kernel inputs of one layer from codes ``(heads, R, head_dim)`` int8 and row scales ``(heads, R)``:
+    for the fused kernels, or for torch's int8-weight matmul (which also needs the transposed codes)."""
     heads, rows, head_dim = codes.shape
+    if native:
+        return {"native": True, "codes": _pad_to(codes, 2, 16).contiguous(),  # (heads, R, d16) int8
+                "scales_h": scales.half().contiguous(),  # (heads, R), as the tracer stores them
+                "steps": rows // pixels, "pixels": pixels}
     return {
         "codes": _pad_to(codes, 2, 16).contiguous(),  # (heads, R, d16) int8
         "codes_t": _pad_to(codes.transpose(1, 2), 2, 16).contiguous(),  # (heads, d, R16) int8
@@ -333,35 +364,39 @@ class _OpenVocabObjective:
     With two tokens the softmax is a sigmoid of the score difference, so each layer needs one product of
     the cached queries with ``W_k (x_obj - x_bg)`` per head; queries are laid out ``(heads, steps * N,
     head_dim)`` once, so an epoch streams the cache twice (forward and gradient). An int8 cache is streamed
-    as int8 codes through int8-weight matmuls (half the bytes); a float cache in bfloat16, unless
-    ``queries="int8"`` quantizes it (one scale per head, step and pixel, as ``trace(query_dtype="int8")``).
+    as int8 codes (half the bytes): through opendaam's fused C kernels (scores, sigmoid and the sum over
+    heads and steps in one pass; :mod:`opendaam._kernels`) where they build, else through torch's int8-weight
+    matmuls; a float cache in bfloat16, unless ``queries="int8"`` quantizes it (one scale per head, step and
+    pixel, as ``trace(query_dtype="int8")``).
     """
 
-    def __init__(self, records: Sequence[Record], pipe, queries_as: str = "auto"):
+    def __init__(self, records: Sequence[Record], pipe, queries_as: str = "auto", native: bool = True):
         if pipe is None:
             raise ValueError("open_vocab optimization needs the pipeline's attention keys: pass pipe=...")
         self.records = records
+        native = native and _kernels.available()
         self.modules = _key_modules(pipe, records[0], list(records[0].layers))
         self.cache = []
         for r in records:
             if not r.queries:
                 raise ValueError("open_vocab optimization needs records traced with queries=True")
             int8 = queries_as == "int8" or (queries_as == "auto" and bool(r.query_scales))
-            if int8 and not _int8_kernel_ok():
+            if int8 and not native and not _int8_kernel_ok():
                 if queries_as == "int8":
-                    raise RuntimeError("queries='int8' needs torch's int8-weight matmul, which is missing or "
-                                       "wrong in this torch build; use queries='bfloat16'")
+                    raise RuntimeError("queries='int8' needs opendaam's native kernels or torch's int8-weight "
+                                       "matmul, and neither works here; use queries='bfloat16'")
                 int8 = False
             per_layer = {}
             for name, info in r.layers.items():
                 if int8 and name in r.query_scales:  # the record's own codes: no further rounding
                     codes = r.queries[name].transpose(0, 1).reshape(info.heads, -1, info.head_dim)  # (heads, S*N, d)
                     scales = r.query_scales[name].transpose(0, 1).reshape(info.heads, -1)  # (heads, S*N)
-                    per_layer[name] = _int8_layer(codes, scales)
+                    per_layer[name] = _int8_layer(codes, scales, info.pixels, native)
                     continue
                 q = queries(r, name).transpose(0, 1).reshape(info.heads, -1, info.head_dim)  # (heads, S*N, d)
                 # int8: the tracer's own storage (absmax codes, one fp16 scale per head, step and pixel)
-                per_layer[name] = _int8_layer(*_store_queries(q, "int8")) if int8 else q.to(torch.bfloat16).contiguous()
+                per_layer[name] = (_int8_layer(*_store_queries(q, "int8"), info.pixels, native) if int8
+                                   else q.to(torch.bfloat16).contiguous())
             self.cache.append(per_layer)
         # Only W_k (x_obj - x_bg) enters the scores (a key bias cancels): with linear keys, all layers' scaled
         # W_k stacked in bfloat16 (the precision v is streamed in) make the vectors of an epoch one product.
@@ -389,21 +424,40 @@ class _OpenVocabObjective:
         maps = []
         vectors = self._vectors(x)
         for r, cache in zip(self.records, self.cache, strict=True):
-            per_layer = {}
+            by_size: dict[tuple[int, int], Tensor] = {}  # (h_l, w_l) -> (N_l,) object maps summed over layers
+            total = 0.0  # heads x steps over all layers: the object and background maps add up to it
             for name, info in r.layers.items():
                 v = vectors[name]  # (heads, head_dim)
                 q = cache[name]
-                if isinstance(q, dict):
-                    score = _Int8Scores.apply(v, q)  # (heads, S*N)
-                else:  # (heads, S*N, head_dim) bf16: one (S*N, d) @ (d, 1) product per head, forward and
-                    # gradient 2.6x faster on CPU than a batched bmm (13 vs 35 ms for one 81 MB SD 2 layer)
-                    vb = v.to(torch.bfloat16)
-                    score = torch.stack([(q[h] @ vb[h, :, None])[:, 0] for h in range(info.heads)]).float()
-                obj = torch.sigmoid(score).view(info.heads, -1, info.pixels).sum((0, 1))  # (N,)
-                total = float(info.heads * (score.shape[1] // info.pixels))
-                per_layer[name] = torch.stack([obj, total - obj])  # (2, N): object, background
-            maps.append(_to_latent(per_layer, r).flatten(1))  # (2, P)
+                if isinstance(q, dict) and q.get("native"):
+                    obj = _NativeInt8Map.apply(v, q)  # (N,): fused score, sigmoid and sum over heads and steps
+                    steps = q["steps"]
+                else:
+                    if isinstance(q, dict):
+                        score = _Int8Scores.apply(v, q)  # (heads, S*N)
+                    else:  # (heads, S*N, head_dim) bf16: one (S*N, d) @ (d, 1) product per head, forward and
+                        # gradient 2.6x faster on CPU than a batched bmm (13 vs 35 ms for one 81 MB SD 2 layer)
+                        vb = v.to(torch.bfloat16)
+                        score = torch.stack([(q[h] @ vb[h, :, None])[:, 0] for h in range(info.heads)]).float()
+                    obj = torch.sigmoid(score).view(info.heads, -1, info.pixels).sum((0, 1))  # (N,)
+                    steps = score.shape[1] // info.pixels
+                key = (info.height, info.width)
+                by_size[key] = obj if key not in by_size else by_size[key] + obj
+                total += float(info.heads * steps)
+            obj = _upsample_sum(by_size, r)  # (P,)
+            # interpolation is linear and keeps constants, so the background's map is the total minus the object's
+            maps.append(torch.stack([obj, total - obj]))  # (2, P): object, background
         return torch.stack(maps)  # (N, 2, P)
+
+
+def _upsample_sum(by_size: dict[tuple[int, int], Tensor], record: Record) -> Tensor:
+    """Flat latent map ``(P,)``: maps of each layer size summed first, then interpolated once per size."""
+    mode = record.meta.get("trace_config", {}).get("upsample", "bicubic")
+    out = None
+    for (lh, lw), flat in by_size.items():
+        up = upsample(flat.view(1, lh, lw), tuple(record.latent_size), mode).flatten()  # (P,)
+        out = up if out is None else out + up
+    return out
 
 
 def optimize_token(
@@ -474,7 +528,7 @@ def optimize_token(
         objective = _LinearObjective(records)
         rows = [x0]
     else:
-        objective = _OpenVocabObjective(records, pipe, cfg.queries)
+        objective = _OpenVocabObjective(records, pipe, cfg.queries, cfg.native)
         gen = torch.Generator().manual_seed(cfg.seed)
         rows = [x0, torch.randn(x0.shape, generator=gen) * x0.std()]  # object, background
     x = torch.nn.Parameter(torch.stack(rows))  # (tokens, D)
