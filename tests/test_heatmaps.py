@@ -69,6 +69,35 @@ def test_daam_matches_plain_implementation(tiny_pipe):
     assert maps.token_indices == [[2], [3], [6, 7]]
 
 
+@pytest.mark.parametrize("query_scale", [1.0, 60.0])
+def test_daam_softmax_with_and_without_max_shift(tiny_pipe, monkeypatch, query_scale):
+    """Scores within the exp2-safe bound skip the max subtraction; large scores (queries scaled up) take it;
+    both match the plain implementation."""
+    from opendaam import tracing
+
+    seen = []
+    bounded = tracing._scores_bounded
+    monkeypatch.setattr(tracing, "_scores_bounded", lambda q, k: seen.append(bounded(q, k)) or seen[-1])
+    layers = cross_attention_layers(tiny_pipe.unet).values()
+    saved = [m.to_q.weight.detach().clone() for m in layers]
+    kwargs = dict(num_inference_steps=2, height=32, width=32)
+    try:
+        with torch.no_grad():
+            for m in layers:
+                m.to_q.weight.mul_(query_scale)
+        reference = _reference_daam(tiny_pipe, PROMPT, **kwargs)
+        with trace(tiny_pipe, prompt=PROMPT) as tracer:
+            generate(tiny_pipe, prompt=PROMPT, **kwargs)
+    finally:
+        with torch.no_grad():
+            for m, w in zip(layers, saved, strict=True):
+                m.to_q.weight.copy_(w)
+    assert seen and all(seen) == (query_scale == 1.0) and any(seen) == (query_scale == 1.0)
+    got = heatmaps(tracer.records[0], list(range(77))).latent
+    assert torch.isfinite(got).all()
+    assert torch.allclose(got, reference, atol=1e-4 * float(reference.detach().abs().max()), rtol=1e-4)
+
+
 @pytest.mark.parametrize("in_place", [False, True])
 def test_daam_follows_text_states_changed_between_steps(tiny_pipe, in_place):
     """Keys are cached per generation only while the pipeline passes the same unmodified text states."""
@@ -90,10 +119,11 @@ def test_daam_follows_text_states_changed_between_steps(tiny_pipe, in_place):
     assert torch.allclose(maps.latent, reference[1:4], atol=1e-4, rtol=1e-4)
 
 
-@pytest.mark.parametrize("steps_per_batch", [1, 2])
-def test_batched_steps_record_the_same(tiny_pipe, monkeypatch, steps_per_batch):
-    """Layers computed a few steps at a time (buffer full, flushed, the rest at the end) or one step at a
-    time give the record of the default, where each of these small layers holds all its steps."""
+@pytest.mark.parametrize("steps_per_batch, softmax_floats", [(1, None), (2, None), (None, 1)])
+def test_batched_steps_record_the_same(tiny_pipe, monkeypatch, steps_per_batch, softmax_floats):
+    """Layers computed a few steps at a time (buffer full, flushed, the rest at the end), one step at a
+    time, or with the softmax run one step at a time inside a batch give the record of the default, where
+    each of these small layers holds all its steps."""
     kwargs = dict(num_inference_steps=5, height=32, width=48)
     options = dict(queries=True, query_dtype="float32", daam_per_step=True, linear_layers=True)
     with trace(tiny_pipe, prompt=PROMPT, **options) as tracer:
@@ -101,7 +131,10 @@ def test_batched_steps_record_the_same(tiny_pipe, monkeypatch, steps_per_batch):
     whole = tracer.records[0]
     modules = cross_attention_layers(tiny_pipe.unet)
     step_bytes = max(info.pixels * modules[n].to_q.in_features * 4 for n, info in whole.layers.items())
-    monkeypatch.setattr(tracing, "_BUFFER_BYTES", steps_per_batch * step_bytes)
+    if steps_per_batch is not None:
+        monkeypatch.setattr(tracing, "_BUFFER_BYTES", steps_per_batch * step_bytes)
+    if softmax_floats is not None:
+        monkeypatch.setattr(tracing, "_SOFTMAX_FLOATS", softmax_floats)
     with trace(tiny_pipe, prompt=PROMPT, **options) as tracer:
         generate(tiny_pipe, prompt=PROMPT, **kwargs)
     parts = tracer.records[0]

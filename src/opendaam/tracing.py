@@ -382,13 +382,15 @@ class Tracer:
         self._key_cache = {}  # drop the references to this generation's text states
 
     # -- recording inside a layer -------------------------------------------------------------------
-    @torch.no_grad()
     def _observe(self, name: str, attn, hidden_states: Tensor, encoder_hidden_states: Tensor,
                  temb: Tensor | None) -> None:
         """Buffer one layer's conditional query inputs of the current step; :meth:`_flush` computes from them."""
         rows = self._rows
         if rows is None or encoder_hidden_states is None:
             return
+        if torch.is_grad_enabled():  # pipelines run without gradients; a decorator would cost every call
+            with torch.no_grad():
+                return self._observe(name, attn, hidden_states, encoder_hidden_states, temb)
         h = hidden_states[rows]
         if attn.spatial_norm is not None:
             h = attn.spatial_norm(h, temb[rows] if temb is not None else None)
@@ -446,11 +448,25 @@ class Tracer:
         dev = cfg.device
         if cfg.daam or cfg.daam_per_step:
             # softmax over the text tokens, token-major so that max, exp and sum run along contiguous
-            # pixels; keys carry log2(e), so exp2 (~3x faster than exp on CPU) gives the same probabilities
-            probs = torch.matmul(keys, q.float().transpose(-1, -2))  # (k, n, heads, T, N)
-            probs -= probs.amax(dim=-2, keepdim=True)
-            probs.exp2_()
-            probs /= probs.sum(dim=-2, keepdim=True)
+            # pixels; keys carry log2(e), so exp2 (~3x faster than exp on CPU) gives the same probabilities.
+            # A few steps at a time, so that the passes over the probabilities stay in the core's cache.
+            qf = q.float()
+            shift = not _scores_bounded(qf, keys)  # else exp2 can neither overflow nor empty the sum unshifted
+            chunk = max(1, _SOFTMAX_FLOATS // (n * heads * keys.shape[-2] * pixels))
+            prob_sum, per_step = None, []
+            for i in range(0, k, chunk):
+                probs = torch.matmul(keys, qf[i : i + chunk].transpose(-1, -2))  # (c, n, heads, T, N)
+                if shift:
+                    probs -= probs.amax(dim=-2, keepdim=True)
+                probs.exp2_()
+                probs /= probs.sum(dim=-2, keepdim=True)
+                if cfg.daam_per_step:
+                    per_step.append(probs)
+                if cfg.daam:
+                    part = probs.sum(0)  # (n, heads, T, N), a new tensor: the per-step ones stay untouched
+                    prob_sum = part if prob_sum is None else prob_sum.add_(part)
+            if cfg.daam_per_step:
+                probs = torch.cat(per_step) if len(per_step) > 1 else per_step[0]  # (k, n, heads, T, N)
         if cfg.linear or cfg.linear_layers:
             q_flat = q.transpose(2, 3).reshape(k, n, pixels, inner) if attn.norm_q is not None else query
             q_sum = q_flat.float().sum(0) if k > 1 else q_flat[0].float()  # (n, N, inner)
@@ -460,7 +476,7 @@ class Tracer:
             if pending.context is None:
                 pending.context = context[j].detach().to(dev, torch.float32, copy=True)  # (77, text_dim)
             if cfg.daam:
-                p = (probs[:, j].sum(0) if k > 1 else probs[0, j]).to(dev)  # (heads, T, N)
+                p = prob_sum[j].to(dev)  # (heads, T, N)
                 if name in pending.daam:
                     pending.daam[name] += p
                 else:
@@ -676,6 +692,23 @@ def tokenize_prompt(pipe, prompt: str) -> tuple[list[int], list[str]]:
             f"included); shorten it: {prompt!r}"
         )
     return ids, tokenizer.convert_ids_to_tokens(ids)
+
+
+_SOFTMAX_FLOATS = 2**19
+"""Probabilities computed at once per layer (2 MB of float32, a core's L2 here): steps are batched up to it."""
+
+_EXP2_SAFE = 62.0
+"""Largest score (log2 units) for which softmax needs no max subtraction: 2^62 cannot overflow float32 and
+the largest term of a sum stays above 2^-62, far from underflow."""
+
+
+def _scores_bounded(q: Tensor, keys: Tensor) -> bool:
+    """Whether every score ``q . k`` is within +-``_EXP2_SAFE`` by Cauchy-Schwarz (CPU only: on an
+    accelerator the check would wait for the device, so the max is always subtracted there)."""
+    if q.device.type != "cpu":
+        return False
+    bound = q.norm(dim=-1).amax() * keys.norm(dim=-1).amax()  # >= max |score| over pixels and tokens
+    return bool(bound < _EXP2_SAFE)
 
 
 def _wrap(inner, name: str, tracer: Tracer):
