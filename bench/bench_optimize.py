@@ -124,6 +124,20 @@ def int8_record(record: Record) -> Record:
                   linear_map=record.linear_map, linear_bias=record.linear_bias)
 
 
+def read_floor(record: Record, repeats: int = 7) -> float:
+    """Seconds to read the record's query codes once from memory (the maximum of their bytes, a reduction as
+    fast as a float sum here): an open-vocabulary epoch reads them twice (forward and gradient), so twice
+    this is its memory floor."""
+    views = [q.view(torch.uint8) for q in record.queries.values()]
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        for v in views:
+            v.amax()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
 def time_opendaam(record, pipe, method: str, epochs: int, mask, **options) -> float:
     """Seconds per epoch per image of :func:`optimize_token`: the median time between the per-epoch callbacks
     (setup, such as laying out the query cache, is outside every interval)."""
@@ -169,6 +183,8 @@ def main() -> None:
     result["open_vocab_int8_s_per_epoch"] = time_opendaam(int8, pipe, "open_vocab", args.epochs, mask)
     result["open_vocab_int8_torch_s_per_epoch"] = time_opendaam(int8, pipe, "open_vocab", args.epochs, mask,
                                                                 native=False)
+    result["int8_cache_bytes"] = sum(q.numel() for q in int8.queries.values())
+    result["int8_cache_read_s"] = read_floor(int8)  # the epoch's floor is twice this
     for method, fn in (("linear", loop_linear_epoch), ("open_vocab", loop_open_vocab_epoch)):
         rows = 2 if method == "open_vocab" else 1
         x = torch.nn.Parameter(torch.randn(rows, record.meta["text_dim"])[0 if rows == 1 else slice(None)])

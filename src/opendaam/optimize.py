@@ -6,7 +6,8 @@
 ground-truth masks over N images. The optimized token then maps the object on new images of the same model:
 ``heatmaps(record, token, method="linear")``.
 
-Fifth layer of opendaam: imports models, tracing, cache and heatmaps only.
+Fifth layer of opendaam: imports models, tracing, cache and heatmaps (and the private kernel loader
+``_kernels``, which imports nothing of opendaam) only.
 """
 
 from __future__ import annotations

@@ -449,7 +449,7 @@ class Tracer:
         if cfg.daam or cfg.daam_per_step:
             # softmax over the text tokens, token-major so that max, exp and sum run along contiguous
             # pixels; keys carry log2(e), so exp2 (~3x faster than exp on CPU) gives the same probabilities.
-            # A few steps at a time, so that the passes over the probabilities stay in the core's cache.
+            # A few steps at a time, so that the passes over the probabilities stay in cache.
             qf = q.float()
             shift = not _scores_bounded(qf, keys)  # else exp2 can neither overflow nor empty the sum unshifted
             chunk = max(1, _SOFTMAX_FLOATS // (n * heads * keys.shape[-2] * pixels))
@@ -694,8 +694,10 @@ def tokenize_prompt(pipe, prompt: str) -> tuple[list[int], list[str]]:
     return ids, tokenizer.convert_ids_to_tokens(ids)
 
 
-_SOFTMAX_FLOATS = 2**19
-"""Probabilities computed at once per layer (2 MB of float32, a core's L2 here): steps are batched up to it."""
+_SOFTMAX_FLOATS = 2**21
+"""Probabilities computed at once per layer (8 MB of float32): steps are batched up to it, so that the
+passes of the softmax run on cache-resident data (measured: faster than one pass over all steps for the
+Stable Diffusion 2 layers at 256 px and for toy-urban, and than 2 MB pieces for the large layers)."""
 
 _EXP2_SAFE = 62.0
 """Largest score (log2 units) for which softmax needs no max subtraction: 2^62 cannot overflow float32 and
