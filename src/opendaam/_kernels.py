@@ -103,8 +103,8 @@ def _library() -> ctypes.CDLL | None:
     except OSError:
         return None
     pointer, size = ctypes.c_void_p, ctypes.c_int64
-    lib.ov_int8_forward.argtypes = [pointer, pointer, pointer, size, size, size, pointer, pointer]
-    lib.ov_int8_backward.argtypes = [pointer, pointer, pointer, pointer, size, size, size, pointer]
+    lib.ov_int8_forward.argtypes = [pointer, pointer, pointer, size, size, size, size, size, pointer, pointer]
+    lib.ov_int8_backward.argtypes = [pointer, pointer, pointer, pointer, size, size, size, size, size, pointer]
     lib.ov_int8_forward.restype = lib.ov_int8_backward.restype = ctypes.c_int
     if not _self_check(lib):
         warnings.warn("opendaam's native int8 kernels disagree with the float reference on this machine; "
@@ -156,49 +156,50 @@ def _run(calls, threads: int) -> None:
         raise RuntimeError(f"native kernel failed with codes {codes}")
 
 
-def _chunks(steps: int, threads: int) -> list[tuple[int, int]]:
-    """Step ranges that split every head into ``threads`` pieces of work."""
-    parts = max(1, min(threads, steps))
+def _tasks(heads: int, steps: int, threads: int) -> list[tuple[int, int, int, int]]:
+    """``(h0, h1, t0, t1)`` pieces of the (head, step) grid, one per thread: groups of whole heads when there
+    are enough heads, else each head cut into step ranges (many small calls cost more than they save)."""
+    if threads <= 1:
+        return [(0, heads, 0, steps)]
+    if heads >= threads:
+        bounds = [heads * i // threads for i in range(threads + 1)]
+        return [(a, b, 0, steps) for a, b in zip(bounds[:-1], bounds[1:], strict=True) if b > a]
+    parts = max(1, min(steps, -(-threads // heads)))
     bounds = [steps * i // parts for i in range(parts + 1)]
-    return list(zip(bounds[:-1], bounds[1:], strict=True))
+    return [(h, h + 1, a, b) for h in range(heads) for a, b in zip(bounds[:-1], bounds[1:], strict=True)]
 
 
 def _forward(lib, codes: Tensor, scales: Tensor, v: Tensor, steps: int, n: int, threads: int,
              out: Tensor | None = None) -> tuple[Tensor, Tensor]:
     """Kernel forward over all heads (into ``out`` when given)."""
     heads, rows, d = codes.shape
-    chunks = _chunks(steps, threads)
+    tasks = _tasks(heads, steps, threads)
     prob = torch.empty(heads, rows, dtype=torch.float16) if out is None else out  # (H, S*N), for the gradient
-    maps = torch.zeros(heads * len(chunks), n)  # (H * chunks, N), summed below
-    calls, k = [], 0
-    c_stride, s_stride = codes.stride(0), scales.stride(0)
-    for h in range(heads):
-        for t0, t1 in chunks:
-            calls.append(functools.partial(
-                lib.ov_int8_forward, codes.data_ptr() + h * c_stride + t0 * n * d,
-                scales.data_ptr() + 2 * (h * s_stride + t0 * n), v[h].data_ptr(), t1 - t0, n, d,
-                prob.data_ptr() + 2 * (h * rows + t0 * n), maps[k].data_ptr()))
-            k += 1
+    maps = torch.zeros(len(tasks), n)  # (tasks, N), summed below
+    calls = []
+    for k, (h0, h1, t0, t1) in enumerate(tasks):
+        row = h0 * rows + t0 * n  # first row of the piece
+        calls.append(functools.partial(
+            lib.ov_int8_forward, codes.data_ptr() + row * d, scales.data_ptr() + 2 * row, v[h0].data_ptr(),
+            h1 - h0, rows, t1 - t0, n, d, prob.data_ptr() + 2 * row, maps[k].data_ptr()))
     _run(calls, threads)
-    return prob, maps.sum(0)
+    return prob, maps.sum(0) if len(tasks) > 1 else maps[0]
 
 
 def _backward(lib, codes: Tensor, scales: Tensor, prob: Tensor, g: Tensor, steps: int, n: int,
               threads: int) -> Tensor:
     """Kernel gradient over all heads."""
     heads, rows, d = codes.shape
-    chunks = _chunks(steps, threads)
-    grad = torch.empty(heads, len(chunks), d)  # (H, chunks, d), summed below
+    tasks = _tasks(heads, steps, threads)
+    grad = torch.zeros(len(tasks), heads, d)  # (tasks, H, d): each piece writes its heads' rows
     calls = []
-    c_stride, s_stride = codes.stride(0), scales.stride(0)
-    for h in range(heads):
-        for k, (t0, t1) in enumerate(chunks):
-            calls.append(functools.partial(
-                lib.ov_int8_backward, codes.data_ptr() + h * c_stride + t0 * n * d,
-                scales.data_ptr() + 2 * (h * s_stride + t0 * n), prob.data_ptr() + 2 * (h * rows + t0 * n),
-                g.data_ptr(), t1 - t0, n, d, grad[h, k].data_ptr()))
+    for k, (h0, h1, t0, t1) in enumerate(tasks):
+        row = h0 * rows + t0 * n
+        calls.append(functools.partial(
+            lib.ov_int8_backward, codes.data_ptr() + row * d, scales.data_ptr() + 2 * row,
+            prob.data_ptr() + 2 * row, g.data_ptr(), h1 - h0, rows, t1 - t0, n, d, grad[k, h0].data_ptr()))
     _run(calls, threads)
-    return grad.sum(1)
+    return grad.sum(0) if len(tasks) > 1 else grad[0]
 
 
 def available() -> bool:

@@ -230,19 +230,34 @@ INLINE void backward_head(const int8_t *codes, const uint16_t *scales, const uin
     default: return -1;                                                                                   \
     }
 
-/* returns 0, or -1 when d is not a multiple of 16 in 16..128 */
-int ov_int8_forward(const int8_t *codes, const uint16_t *scales, const float *v, int64_t steps, int64_t n,
-                    int64_t d, uint16_t *prob, float *map) {
+/* Entry points. One call handles `heads` consecutive heads of `steps` steps each: head h's rows start
+ * h * stride rows after the first (stride = all rows of a head, so a call may also cover a range of steps
+ * of each head). The forward adds every head's probabilities into the one map; the backward writes one
+ * gradient row of d floats per head. Returns 0, or -1 when d is not a multiple of 16 in 16..128. */
+int ov_int8_forward(const int8_t *codes, const uint16_t *scales, const float *v, int64_t heads, int64_t stride,
+                    int64_t steps, int64_t n, int64_t d, uint16_t *prob, float *map) {
     if (d % 16) return -1;
     int nc = (int)(d / 16);
-    DISPATCH(forward_head(codes, scales, v, steps, n, NC, prob, map))
+    for (int64_t h = 0; h < heads; h++) {
+        const int8_t *c = codes + h * stride * d;
+        const uint16_t *sc = scales + h * stride;
+        uint16_t *pr = prob + h * stride;
+        const float *vh = v + h * d;
+        DISPATCH(forward_head(c, sc, vh, steps, n, NC, pr, map))
+    }
     return 0;
 }
 
 int ov_int8_backward(const int8_t *codes, const uint16_t *scales, const uint16_t *prob, const float *g,
-                     int64_t steps, int64_t n, int64_t d, float *grad) {
+                     int64_t heads, int64_t stride, int64_t steps, int64_t n, int64_t d, float *grad) {
     if (d % 16) return -1;
     int nc = (int)(d / 16);
-    DISPATCH(backward_head(codes, scales, prob, g, steps, n, NC, grad))
+    for (int64_t h = 0; h < heads; h++) {
+        const int8_t *c = codes + h * stride * d;
+        const uint16_t *sc = scales + h * stride;
+        const uint16_t *pr = prob + h * stride;
+        float *gr = grad + h * d;
+        DISPATCH(backward_head(c, sc, pr, g, steps, n, NC, gr))
+    }
     return 0;
 }
