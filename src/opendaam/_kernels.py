@@ -139,17 +139,16 @@ def _self_check(lib: ctypes.CDLL) -> bool:
     return True
 
 
-_POOL: list = [None, 0]  # a persistent thread pool and its size (a pool per call costs more than small layers)
+@functools.lru_cache(maxsize=1)
+def _pool(threads: int) -> ThreadPoolExecutor:
+    """A persistent thread pool of ``threads`` workers (a pool per call costs more than small layers)."""
+    return ThreadPoolExecutor(threads, thread_name_prefix="opendaam-kernel")
 
 
 def _run(calls, threads: int) -> None:
     """Run the kernel calls, spread over ``threads`` threads when more than one."""
     if threads > 1 and len(calls) > 1:
-        if _POOL[1] != threads:
-            if _POOL[0] is not None:
-                _POOL[0].shutdown()
-            _POOL[0], _POOL[1] = ThreadPoolExecutor(threads, thread_name_prefix="opendaam-kernel"), threads
-        codes = list(_POOL[0].map(lambda call: call(), calls))
+        codes = list(_pool(threads).map(lambda call: call(), calls))
     else:
         codes = [call() for call in calls]
     if any(code != 0 for code in codes):

@@ -465,8 +465,6 @@ class Tracer:
                 if cfg.daam:
                     part = probs.sum(0)  # (n, heads, T, N), a new tensor: the per-step ones stay untouched
                     prob_sum = part if prob_sum is None else prob_sum.add_(part)
-            if cfg.daam_per_step:
-                probs = torch.cat(per_step) if len(per_step) > 1 else per_step[0]  # (k, n, heads, T, N)
         if cfg.linear or cfg.linear_layers:
             q_flat = q.transpose(2, 3).reshape(k, n, pixels, inner) if attn.norm_q is not None else query
             q_sum = q_flat.float().sum(0) if k > 1 else q_flat[0].float()  # (n, N, inner)
@@ -482,7 +480,9 @@ class Tracer:
                 else:
                     pending.daam[name] = p.clone()
             if cfg.daam_per_step:
-                pending.daam_steps.setdefault(name, []).extend(probs[:, j].to(dev, torch.float16).unbind(0))
+                steps_j = pending.daam_steps.setdefault(name, [])
+                for probs in per_step:  # (c, n, heads, T, N) pieces in step order
+                    steps_j.extend(probs[:, j].to(dev, torch.float16).unbind(0))
             if cfg.queries:
                 stored, scales = _store_queries(q[:, j], cfg.query_dtype)  # (k, heads, N, head_dim)
                 for i, position in enumerate(positions):
