@@ -83,7 +83,7 @@ def _native_expected() -> bool:
 @pytest.mark.parametrize("kernel", ["native", "torch int8 matmul"])
 @pytest.mark.parametrize("source", ["quantized here", "int8 record"])
 def test_open_vocab_int8_kernels_match_float_objective(records, tiny_pipe, source, kernel):
-    """The int8 paths (fused native kernels, or codes through torch's int8-weight matmuls) give the maps and
+    """The int8 paths (fused native kernel, or codes through torch's int8-weight matmuls) give the maps and
     gradient of the float path on the same codes: dequantized int8 queries through the float code."""
     from opendaam import _kernels
     from opendaam.optimize import _int8_kernel_ok, _OpenVocabObjective
@@ -108,8 +108,16 @@ def test_open_vocab_int8_kernels_match_float_objective(records, tiny_pipe, sourc
     for cache, layer_cache in zip(slow.cache, fast.cache, strict=True):  # the float path on the same codes
         for name, layer in layer_cache.items():
             d = recs[0].layers[name].head_dim
-            scales = layer["scales_h" if native else "scales_f"].float()
-            codes = layer["codes"][..., :d].float() * scales.unsqueeze(-1)  # (heads, R, d)
+            if native:  # back from the kernel's blocks: (heads, blocks, steps, 16, d16) -> (heads, steps * n, d)
+                packed = layer["packed"]
+                heads, blocks, steps, _, d16 = packed.codes.shape
+                n = packed.n
+                raw = packed.codes.transpose(1, 2).reshape(heads, steps, blocks * 16, d16)[:, :, :n, :d]
+                scales = packed.scales.transpose(1, 2).reshape(heads, steps, blocks * 16)[:, :, :n]
+                raw, scales = raw.reshape(heads, steps * n, d), scales.reshape(heads, steps * n).float()
+            else:
+                raw, scales = layer["codes"][..., :d], layer["scales_f"].float()
+            codes = raw.float() * scales.unsqueeze(-1)  # (heads, R, d)
             cache[name] = codes.to(torch.bfloat16)
     dim = recs[0].linear_map.shape[1]
     x1 = torch.randn(2, dim, generator=torch.Generator().manual_seed(3), requires_grad=True)
@@ -139,11 +147,14 @@ def test_open_vocab_objective_equals_heatmaps(records, tiny_pipe, queries):
         assert (got[i] - want).abs().mean() < 3e-3 * float(want.abs().max())
 
 
+@pytest.mark.parametrize("amx", [True, False])
 @pytest.mark.parametrize("threads", [1, 2])
-@pytest.mark.parametrize("shape", [(2, 3, 16, 16), (3, 2, 5, 48), (4, 31, 64, 64), (1, 2, 300, 80), (2, 1, 7, 128)])
-def test_native_kernels_match_float64_reference(shape, threads):
-    """Fused forward (map) and gradient against an einsum in float64, on head sizes with an odd number of
-    16-element chunks, row counts that are not multiples of 16, and blocks of the gradient's quantization."""
+@pytest.mark.parametrize("shape", [(2, 3, 16, 16), (3, 2, 5, 40), (4, 31, 64, 64), (1, 2, 300, 80), (2, 1, 7, 128),
+                                   (1, 67, 40, 32)])
+def test_native_kernels_match_float64_reference(shape, threads, amx):
+    """The fused kernel's map and Jacobian against einsums in float64, and the gradient ``g @ jac`` against
+    the gradient summed row by row: head sizes with an odd number of 16-element chunks, pixel counts that are
+    not multiples of 16, an odd number of steps, and more steps than the kernel keeps weights for at once."""
     from opendaam import _kernels
 
     if not _native_expected():
@@ -157,24 +168,35 @@ def test_native_kernels_match_float64_reference(shape, threads):
     s = torch.einsum("hrd,hd->hr", codes.double(), v.double()) * scales.double()  # (H, R)
     p = torch.sigmoid(s)
     want_map = p.view(heads, steps, n).sum((0, 1))
-    w = (p * (1 - p)).view(heads, steps, n) * g.double() * scales.double().view(heads, steps, n)
-    want_grad = torch.einsum("hr,hrd->hd", w.flatten(1), codes.double())
+    slope = (p * (1 - p) * scales.double()).view(heads, steps, n)  # d prob / d (codes . v)
+    want_jac = torch.einsum("hsn,hsnd->nhd", slope, codes.double().view(heads, steps, n, d))
+    want_grad = torch.einsum("hr,hrd->hd", (slope * g.double()).flatten(1), codes.double())
+    packed = _kernels.pack(codes, scales, steps, n)
     old = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
-        prob, got_map = _kernels.int8_forward(codes, scales, v, steps, n)
-        got_grad = _kernels.int8_backward(codes, scales, prob, g, steps, n)
+        got_map, jac = _kernels.int8_map(packed, v, amx=amx)
+        buffer = torch.full(jac.shape, float("nan"))
+        again, jac2 = _kernels.int8_map(packed, v, jac=buffer, amx=amx)
     finally:
         torch.set_num_threads(old)
-    assert got_map.shape == (n,) and got_grad.shape == (heads, d)
-    assert (prob.double() - p).abs().max() < 1e-3
+    d16 = -(-d // 16) * 16
+    assert got_map.shape == (n,) and jac.shape == (n, heads, d16)
+    assert jac2 is buffer and torch.equal(jac2, jac) and torch.equal(again, got_map)  # every entry written
     assert torch.allclose(got_map.double(), want_map, rtol=1e-4, atol=1e-3)
-    # the gradient reads fp16 probabilities: p (1 - p) to ~1e-3 of its size
-    assert torch.allclose(got_grad.double(), want_grad, atol=4e-3 * float(want_grad.abs().max()))
-    with pytest.raises(ValueError, match="multiple of 16"):
-        _kernels.int8_forward(codes[..., :-1].contiguous(), scales, v[:, :-1], steps, n)
+    # the Jacobian's weights are int16 per block of 16 pixels: ~1e-4 of the block's largest
+    assert torch.allclose(jac[..., :d].double(), want_jac, atol=1e-3 * float(want_jac.abs().max()))
+    assert not jac[..., d:].any()  # padded columns
+    got_grad = (g @ jac.view(n, -1)).view(heads, d16)[:, :d]
+    assert torch.allclose(got_grad.double(), want_grad, atol=1e-3 * float(want_grad.abs().max()))
+    with pytest.raises(ValueError, match="over the kernels' 128"):
+        _kernels.pack(torch.zeros(1, n, 144, dtype=torch.int8), scales[:1, :n], 1, n)
     with pytest.raises(ValueError, match="rows are not"):
-        _kernels.int8_forward(codes, scales, v, steps + 1, n)
+        _kernels.pack(codes, scales, steps + 1, n)
+    with pytest.raises(ValueError, match="v must be"):
+        _kernels.int8_map(packed, v[:, :-1])
+    with pytest.raises(ValueError, match="jac must be"):
+        _kernels.int8_map(packed, v, jac=torch.empty(n, heads, d16 + 1))
 
 
 def test_queries_option_validated():

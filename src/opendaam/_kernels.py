@@ -4,8 +4,8 @@
 version with the system's C compiler (``$CC``, else ``cc`` or ``gcc``) into ``$OPENDAAM_CACHE`` (default
 ``~/.cache/opendaam``), loaded with :mod:`ctypes` and checked against a float64 reference before first
 use. Without a compiler, on another CPU or with ``OPENDAAM_NATIVE=0``, :func:`available` is ``False`` and
-callers use torch. ctypes releases the GIL during a call, so heads run in parallel threads when torch is
-allowed more than one.
+callers use torch. ctypes releases the GIL during a call, so ranges of pixels run in parallel threads when
+torch is allowed more than one.
 """
 
 from __future__ import annotations
@@ -20,13 +20,14 @@ import subprocess
 import tempfile
 import warnings
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
 
 import torch
 from torch import Tensor
 
-__all__ = ["available", "int8_backward", "int8_forward"]
+__all__ = ["Packed", "amx", "available", "int8_map", "int8_maps", "pack"]
 
 _FLAGS = ["-O3", "-march=native", "-fPIC", "-shared"]
 
@@ -103,9 +104,8 @@ def _library() -> ctypes.CDLL | None:
     except OSError:
         return None
     pointer, size = ctypes.c_void_p, ctypes.c_int64
-    lib.ov_int8_forward.argtypes = [pointer, pointer, pointer, size, size, size, size, size, pointer, pointer]
-    lib.ov_int8_backward.argtypes = [pointer, pointer, pointer, pointer, size, size, size, size, size, pointer]
-    lib.ov_int8_forward.restype = lib.ov_int8_backward.restype = ctypes.c_int
+    lib.ov_int8_map.argtypes = [pointer, pointer, pointer, *[size] * 8, pointer, pointer, size]
+    lib.ov_int8_map.restype = lib.ov_int8_amx.restype = ctypes.c_int
     if not _self_check(lib):
         warnings.warn("opendaam's native int8 kernels disagree with the float reference on this machine; "
                       "using torch instead", RuntimeWarning, stacklevel=2)
@@ -113,29 +113,31 @@ def _library() -> ctypes.CDLL | None:
     return lib
 
 
-def _reference(codes: Tensor, scales: Tensor, v: Tensor, g: Tensor, steps: int, n: int) -> tuple[Tensor, Tensor]:
-    """Map and gradient in float64 (what the kernels compute)."""
+def _reference(codes: Tensor, scales: Tensor, v: Tensor, steps: int, n: int) -> tuple[Tensor, Tensor]:
+    """Map and Jacobian in float64 (what the kernel computes) from codes ``(heads, steps * n, d)``."""
+    heads, _, d = codes.shape
     s = torch.einsum("hrd,hd->hr", codes.double(), v.double()) * scales.double()  # (H, R)
-    prob = torch.sigmoid(s)
-    weight = (prob * (1 - prob)).view(-1, steps, n) * g.double() * scales.double().view(-1, steps, n)
-    grad = torch.einsum("hr,hrd->hd", weight.flatten(1), codes.double())  # (H, d)
-    return prob.view(-1, steps, n).sum((0, 1)), grad
+    prob = torch.sigmoid(s).view(heads, steps, n)
+    weight = prob * (1 - prob) * scales.double().view(heads, steps, n)  # (H, S, N)
+    jac = torch.einsum("hsn,hsnd->nhd", weight, codes.double().view(heads, steps, n, d))  # (N, H, d)
+    return prob.sum((0, 1)), jac
 
 
 def _self_check(lib: ctypes.CDLL) -> bool:
     """Whether the library matches :func:`_reference` on small problems of several shapes and tails."""
     gen = torch.Generator().manual_seed(0)
-    for heads, steps, n, d in ((2, 3, 16, 16), (3, 2, 5, 48), (1, 4, 100, 64), (2, 1, 37, 80), (1, 2, 16, 128)):
+    for heads, steps, n, d in ((2, 3, 16, 16), (3, 2, 5, 48), (1, 4, 100, 64), (2, 1, 37, 80), (1, 2, 16, 128),
+                               (1, 67, 20, 32)):
         codes = torch.randint(-127, 128, (heads, steps * n, d), generator=gen, dtype=torch.int8)
         scales = (torch.rand(heads, steps * n, generator=gen) * 0.02).half()
         v = torch.randn(heads, d, generator=gen)
-        g = torch.randn(n, generator=gen)
-        want_map, want_grad = _reference(codes, scales, v, g, steps, n)
-        prob, got_map = _forward(lib, codes, scales, v, steps, n, threads=1)
-        got_grad = _backward(lib, codes, scales, prob, g, steps, n, threads=1)
-        if not (torch.allclose(got_map.double(), want_map, rtol=1e-4, atol=1e-4 * float(want_map.abs().max()))
-                and torch.allclose(got_grad.double(), want_grad, atol=5e-3 * float(want_grad.abs().max()))):
-            return False
+        want_map, want_jac = _reference(codes, scales, v, steps, n)
+        for amx in (True, False):
+            (got_map,), (got_jac,) = _maps(lib, [pack(codes, scales, steps, n)], [v], threads=2, amx=amx)
+            if not (torch.allclose(got_map.double(), want_map, rtol=1e-4, atol=1e-4 * float(want_map.abs().max()))
+                    and torch.allclose(got_jac[..., :d].double(), want_jac,
+                                       atol=1e-3 * float(want_jac.abs().max()))):
+                return False
     return True
 
 
@@ -145,60 +147,55 @@ def _pool(threads: int) -> ThreadPoolExecutor:
     return ThreadPoolExecutor(threads, thread_name_prefix="opendaam-kernel")
 
 
-def _run(calls, threads: int) -> None:
-    """Run the kernel calls, spread over ``threads`` threads when more than one."""
-    if threads > 1 and len(calls) > 1:
-        codes = list(_pool(threads).map(lambda call: call(), calls))
+def _block_ranges(blocks: int, threads: int) -> list[tuple[int, int]]:
+    """Up to ``threads`` ranges of 16-pixel blocks covering ``range(blocks)``: each call writes its own pixels
+    of the map and the Jacobian, so the pieces need no reduction."""
+    parts = max(1, min(threads, blocks))
+    bounds = [blocks * i // parts for i in range(parts + 1)]
+    return [(a, b) for a, b in zip(bounds[:-1], bounds[1:], strict=True) if b > a]
+
+
+def _maps(lib, packed: list[Packed], vs: list[Tensor], threads: int, jacs: list[Tensor] | None = None,
+          amx: bool = True) -> tuple[list[Tensor], list[Tensor]]:
+    """Kernel maps and Jacobians of several layers (into ``jacs`` when given; products on AMX tiles where the
+    CPU and OS allow and ``amx``): thread ``t`` computes the ``t``-th range of pixel blocks of every layer,
+    so the threads meet once for all layers."""
+    maps, out_jacs, padded, per_thread = [], [], [], [[] for _ in range(threads)]
+    for i, (p, v) in enumerate(zip(packed, vs, strict=True)):
+        heads, blocks, steps, _, d = p.codes.shape
+        v = _pad16(v.detach().float()).contiguous()  # (H, d16)
+        padded.append(v)  # alive until the calls have run
+        out = torch.zeros(p.n)  # (N,)
+        jac = torch.empty(p.n, heads, d) if jacs is None else jacs[i]  # (N, H, d16): every entry is written
+        maps.append(out)
+        out_jacs.append(jac)
+        for t, (a, b) in enumerate(_block_ranges(blocks, threads)):
+            per_thread[t].append(functools.partial(
+                lib.ov_int8_map, p.codes.data_ptr(), p.scales.data_ptr(), v.data_ptr(), 0, heads, heads, steps,
+                p.n, d, a, b, out.data_ptr(), jac.data_ptr(), int(amx)))
+    tasks = [calls for calls in per_thread if calls]
+
+    def run(calls) -> list[int]:
+        return [call() for call in calls]
+
+    if len(tasks) > 1:
+        codes = [c for done in _pool(threads).map(run, tasks) for c in done]
     else:
-        codes = [call() for call in calls]
+        codes = run(tasks[0]) if tasks else []
     if any(code != 0 for code in codes):
         raise RuntimeError(f"native kernel failed with codes {codes}")
+    return maps, out_jacs
 
 
-def _tasks(heads: int, steps: int, threads: int) -> list[tuple[int, int, int, int]]:
-    """``(h0, h1, t0, t1)`` pieces of the (head, step) grid, one per thread: groups of whole heads when there
-    are enough heads, else each head cut into step ranges (many small calls cost more than they save)."""
-    if threads <= 1:
-        return [(0, heads, 0, steps)]
-    if heads >= threads:
-        bounds = [heads * i // threads for i in range(threads + 1)]
-        return [(a, b, 0, steps) for a, b in zip(bounds[:-1], bounds[1:], strict=True) if b > a]
-    parts = max(1, min(steps, -(-threads // heads)))
-    bounds = [steps * i // parts for i in range(parts + 1)]
-    return [(h, h + 1, a, b) for h in range(heads) for a, b in zip(bounds[:-1], bounds[1:], strict=True)]
+def amx() -> bool:
+    """Whether the kernel runs its products on AMX tiles here (CPU with AMX-INT8, granted by the OS).
 
-
-def _forward(lib, codes: Tensor, scales: Tensor, v: Tensor, steps: int, n: int, threads: int,
-             out: Tensor | None = None) -> tuple[Tensor, Tensor]:
-    """Kernel forward over all heads (into ``out`` when given)."""
-    heads, rows, d = codes.shape
-    tasks = _tasks(heads, steps, threads)
-    prob = torch.empty(heads, rows, dtype=torch.float16) if out is None else out  # (H, S*N), for the gradient
-    maps = torch.zeros(len(tasks), n)  # (tasks, N), summed below
-    calls = []
-    for k, (h0, h1, t0, t1) in enumerate(tasks):
-        row = h0 * rows + t0 * n  # first row of the piece
-        calls.append(functools.partial(
-            lib.ov_int8_forward, codes.data_ptr() + row * d, scales.data_ptr() + 2 * row, v[h0].data_ptr(),
-            h1 - h0, rows, t1 - t0, n, d, prob.data_ptr() + 2 * row, maps[k].data_ptr()))
-    _run(calls, threads)
-    return prob, maps.sum(0) if len(tasks) > 1 else maps[0]
-
-
-def _backward(lib, codes: Tensor, scales: Tensor, prob: Tensor, g: Tensor, steps: int, n: int,
-              threads: int) -> Tensor:
-    """Kernel gradient over all heads."""
-    heads, rows, d = codes.shape
-    tasks = _tasks(heads, steps, threads)
-    grad = torch.zeros(len(tasks), heads, d)  # (tasks, H, d): each piece writes its heads' rows
-    calls = []
-    for k, (h0, h1, t0, t1) in enumerate(tasks):
-        row = h0 * rows + t0 * n
-        calls.append(functools.partial(
-            lib.ov_int8_backward, codes.data_ptr() + row * d, scales.data_ptr() + 2 * row,
-            prob.data_ptr() + 2 * row, g.data_ptr(), h1 - h0, rows, t1 - t0, n, d, grad[k, h0].data_ptr()))
-    _run(calls, threads)
-    return grad.sum(0) if len(tasks) > 1 else grad[0]
+    Example:
+        >>> isinstance(amx(), bool)
+        True
+    """
+    lib = _library()
+    return bool(lib is not None and lib.ov_int8_amx())
 
 
 def available() -> bool:
@@ -211,71 +208,104 @@ def available() -> bool:
     return _library() is not None
 
 
-def _check(codes: Tensor, scales: Tensor, steps: int, n: int) -> None:
-    """Raise unless the inputs have the layout the kernels read."""
-    if codes.dtype != torch.int8 or codes.dim() != 3 or not codes.is_contiguous() or codes.shape[2] % 16:
-        raise ValueError(f"codes must be contiguous int8 (heads, rows, d) with d a multiple of 16, got "
-                         f"{codes.dtype} {tuple(codes.shape)}")
-    if codes.shape[2] > 128:
-        raise ValueError(f"head size {codes.shape[2]} is over the kernels' 128")
-    if scales.dtype != torch.float16 or not scales.is_contiguous() or scales.shape != codes.shape[:2]:
-        raise ValueError(f"scales must be contiguous float16 {tuple(codes.shape[:2])}, got {scales.dtype} "
-                         f"{tuple(scales.shape)}")
-    if steps * n != codes.shape[1]:
-        raise ValueError(f"{codes.shape[1]} rows are not {steps} steps x {n} pixels")
+def _pad16(t: Tensor) -> Tensor:
+    """``t`` zero-padded in its last dimension to a multiple of 16."""
+    extra = -t.shape[-1] % 16
+    return torch.nn.functional.pad(t, (0, extra)) if extra else t
 
 
-def int8_forward(codes: Tensor, scales: Tensor, v: Tensor, steps: int, n: int,
-                 out: Tensor | None = None) -> tuple[Tensor, Tensor]:
-    """Object probabilities ``sigmoid(scale_r * codes_r . v_h)`` and their sum over heads and steps.
+@dataclass(frozen=True)
+class Packed:
+    """One layer's int8 query codes in the kernel's layout (see :func:`pack`)."""
+
+    codes: Tensor  # (heads, blocks, steps, 16, d16) int8, zero rows past the last pixel, zero columns past d
+    scales: Tensor  # (heads, blocks, steps, 16) float16
+    n: int  # pixels of the layer
+    head_dim: int  # d before padding
+
+
+def pack(codes: Tensor, scales: Tensor, steps: int, n: int) -> Packed:
+    """Lay out one layer's int8 codes for :func:`int8_map`: blocks of 16 pixels whose rows of all steps are
+    contiguous (the kernel streams one block at a time), head size zero-padded to a multiple of 16.
 
     Args:
-        codes: ``(heads, steps * n, d)`` int8 query codes, d a multiple of 16 (zero-padded).
-        scales: ``(heads, steps * n)`` float16 row scales (as ``trace(query_dtype="int8")`` stores them).
-        v: ``(heads, d)`` float32 scaled key differences (object minus background).
+        codes: ``(heads, steps * n, d)`` int8 query codes, rows ordered (step, pixel), d at most 128.
+        scales: ``(heads, steps * n)`` row scales (as ``trace(query_dtype="int8")`` stores them), stored
+            as float16.
         steps: U-Net calls in the rows.
         n: pixels of the layer.
-        out: a float16 ``(heads, steps * n)`` buffer to write the probabilities to (saves the page faults of a
-            new allocation every epoch).
-
-    Returns:
-        ``prob`` ``(heads, steps * n)`` in float16 (kept for the gradient) and the float32 map ``(n,)``.
 
     Example:
-        >>> codes = torch.ones(1, 2 * 16, 16, dtype=torch.int8); scales = torch.full((1, 32), 0.5).half()
+        >>> p = pack(torch.ones(2, 3 * 20, 40, dtype=torch.int8), torch.ones(2, 60).half(), steps=3, n=20)
+        >>> tuple(p.codes.shape), tuple(p.scales.shape)
+        ((2, 2, 3, 16, 48), (2, 2, 3, 16))
+    """
+    if codes.dtype != torch.int8 or codes.dim() != 3:
+        raise ValueError(f"codes must be int8 (heads, rows, d), got {codes.dtype} {tuple(codes.shape)}")
+    heads, rows, d = codes.shape
+    if d > 128:
+        raise ValueError(f"head size {d} is over the kernels' 128")
+    if steps * n != rows:
+        raise ValueError(f"{rows} rows are not {steps} steps x {n} pixels")
+    if scales.shape != codes.shape[:2]:
+        raise ValueError(f"scales must be {tuple(codes.shape[:2])}, got {tuple(scales.shape)}")
+    blocks, extra = -(-n // 16), -n % 16
+    c = torch.nn.functional.pad(_pad16(codes).view(heads, steps, n, -1), (0, 0, 0, extra))  # (H, S, 16 B, d16)
+    c = c.view(heads, steps, blocks, 16, -1).transpose(1, 2).contiguous()  # (H, B, S, 16, d16)
+    sc = torch.nn.functional.pad(scales.half().view(heads, steps, n), (0, extra))  # (H, S, 16 B)
+    sc = sc.view(heads, steps, blocks, 16).transpose(1, 2).contiguous()  # (H, B, S, 16)
+    return Packed(codes=c, scales=sc, n=n, head_dim=d)
+
+
+def int8_map(packed: Packed, v: Tensor, jac: Tensor | None = None, amx: bool = True) -> tuple[Tensor, Tensor]:
+    """Object map ``sum over heads and steps of sigmoid(scale_r * codes_r . v_h)`` and its Jacobian in v.
+
+    Args:
+        packed: one layer's codes and scales from :func:`pack`.
+        v: ``(heads, d)`` scaled key differences (object minus background), d the head size (or padded).
+        jac: a float32 ``(n, heads, d16)`` buffer to write the Jacobian to (saves the page faults of a new
+            allocation every epoch).
+        amx: run the products on AMX tiles where :func:`amx` says they can (the same integers as the
+            AVX-512 path; ``False`` forces that path).
+
+    Returns:
+        The float32 map ``(n,)`` and its Jacobian ``(n, heads, d16)``, ``d map[p] / d v[h]`` (columns past
+        the head size are zero): the gradient of a loss with ``g = d loss / d map`` is ``g @ jac``.
+
+    Example:
+        >>> p = pack(torch.ones(1, 2 * 16, 16, dtype=torch.int8), torch.full((1, 32), 0.5), steps=2, n=16)
         >>> if available():
-        ...     prob, m = int8_forward(codes, scales, torch.zeros(1, 16), steps=2, n=16)
-        ...     assert torch.allclose(m, torch.ones(16))          # sigmoid(0) = 0.5, two steps
+        ...     m, jac = int8_map(p, torch.zeros(1, 16))
+        ...     assert torch.allclose(m, torch.ones(16))                               # 2 steps x sigmoid(0)
+        ...     assert torch.allclose(jac, torch.full((16, 1, 16), 2 * 0.25 * 0.5))   # x sigmoid'(0) x scale
+    """
+    maps, jacs = int8_maps([packed], [v], None if jac is None else [jac], amx)
+    return maps[0], jacs[0]
+
+
+def int8_maps(packed: list[Packed], vs: list[Tensor], jacs: list[Tensor] | None = None,
+              amx: bool = True) -> tuple[list[Tensor], list[Tensor]]:
+    """:func:`int8_map` of several layers in one dispatch of the kernel threads (each thread takes its share
+    of every layer, so they meet once, not once per layer).
+
+    Example:
+        >>> p = pack(torch.ones(1, 16, 16, dtype=torch.int8), torch.ones(1, 16), steps=1, n=16)
+        >>> if available():
+        ...     (m1, m2), _ = int8_maps([p, p], [torch.zeros(1, 16), torch.zeros(1, 16)])
+        ...     assert torch.equal(m1, m2) and torch.allclose(m1, torch.full((16,), 0.5))
     """
     lib = _library()
     if lib is None:
         raise RuntimeError("opendaam's native kernels are not available here (no C compiler, no AVX-512 VNNI, "
                            "or OPENDAAM_NATIVE=0)")
-    _check(codes, scales, steps, n)
-    v = v.detach().float().contiguous()
-    if v.shape != (codes.shape[0], codes.shape[2]):
-        raise ValueError(f"v must be {(codes.shape[0], codes.shape[2])}, got {tuple(v.shape)}")
-    if out is not None and (out.dtype != torch.float16 or out.shape != codes.shape[:2] or not out.is_contiguous()):
-        raise ValueError(f"out must be a contiguous float16 {tuple(codes.shape[:2])} buffer")
-    return _forward(lib, codes, scales, v, steps, n, torch.get_num_threads(), out)
-
-
-def int8_backward(codes: Tensor, scales: Tensor, prob: Tensor, g: Tensor, steps: int, n: int) -> Tensor:
-    """Gradient ``(heads, d)`` of ``sum_p g[p] * map[p]`` with respect to v, from the forward's ``prob``.
-
-    Example:
-        >>> codes = torch.ones(1, 16, 16, dtype=torch.int8); scales = torch.ones(1, 16).half()
-        >>> if available():
-        ...     prob, _ = int8_forward(codes, scales, torch.zeros(1, 16), steps=1, n=16)
-        ...     grad = int8_backward(codes, scales, prob, torch.ones(16), steps=1, n=16)
-        ...     assert torch.allclose(grad, torch.full((1, 16), 16 * 0.25))   # 16 pixels x sigmoid'(0)
-    """
-    lib = _library()
-    if lib is None:
-        raise RuntimeError("opendaam's native kernels are not available here")
-    _check(codes, scales, steps, n)
-    g = g.detach().float().contiguous()
-    prob = prob.contiguous()
-    if g.shape != (n,) or prob.shape != codes.shape[:2] or prob.dtype != torch.float16:
-        raise ValueError(f"g must be ({n},) and prob float16 {tuple(codes.shape[:2])}")
-    return _backward(lib, codes, scales, prob, g, steps, n, torch.get_num_threads())
+    if len(vs) != len(packed) or (jacs is not None and len(jacs) != len(packed)):
+        raise ValueError(f"{len(packed)} layers need as many vectors (got {len(vs)}) and Jacobian buffers")
+    for i, (p, v) in enumerate(zip(packed, vs, strict=True)):
+        heads, _, _, _, d = p.codes.shape
+        if v.dim() != 2 or v.shape[0] != heads or v.shape[1] not in (p.head_dim, d):
+            raise ValueError(f"v must be ({heads}, {p.head_dim}), got {tuple(v.shape)}")
+        shape = (p.n, heads, d)
+        jac = None if jacs is None else jacs[i]
+        if jac is not None and (jac.dtype != torch.float32 or jac.shape != shape or not jac.is_contiguous()):
+            raise ValueError(f"jac must be a contiguous float32 {shape} buffer")
+    return _maps(lib, packed, vs, torch.get_num_threads(), jacs, amx)

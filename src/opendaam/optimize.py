@@ -318,38 +318,41 @@ class _Int8Scores(torch.autograd.Function):
         return dv.float()[:, : ctx.head_dim], None  # (heads, head_dim)
 
 
-class _NativeInt8Map(torch.autograd.Function):
-    """Object map ``(N,)`` of one layer, summed over heads and steps, and the gradient of its vectors, from
-    int8 codes through opendaam's fused kernels (one pass over the codes each way)."""
+class _NativeInt8Maps(torch.autograd.Function):
+    """Object maps of one record's layers, each summed over heads and steps, concatenated ``(sum N_l,)``, from
+    int8 codes through opendaam's fused kernel, which also returns each map's Jacobian in the layer's vectors:
+    the gradient is one small product per layer, so an epoch reads the codes once (and the kernel threads
+    meet once for all layers)."""
 
     @staticmethod
-    def forward(ctx, v: Tensor, layer: dict) -> Tensor:
-        codes = layer["codes"]
-        vp = _pad_to(v.detach().float(), 1, 16)  # (heads, d16)
-        # one probability buffer per layer, reused by the next epoch once this one's gradient has run
-        free = layer.get("free")
-        layer["free"] = None
-        prob, obj = _kernels.int8_forward(codes, layer["scales_h"], vp, layer["steps"], layer["pixels"], out=free)
-        ctx.layer, ctx.head_dim, ctx.prob = layer, v.shape[1], prob
-        return obj  # (N,)
+    def forward(ctx, flat: Tensor, layers: list[dict], shapes: list[tuple[int, int]]) -> Tensor:
+        vs = [part.view(shape) for part, shape in zip(flat.split([h * d for h, d in shapes]), shapes, strict=True)]
+        # one Jacobian buffer per layer, reused by the next epoch once this one's gradient has run
+        free = [layer.pop("free", None) for layer in layers]
+        maps, jacs = _kernels.int8_maps([layer["packed"] for layer in layers], vs,
+                                        None if any(j is None for j in free) else free)
+        ctx.layers, ctx.shapes, ctx.jacs = layers, shapes, jacs  # jacs: (N_l, heads, d16) each
+        return torch.cat(maps)  # (sum N_l,)
 
     @staticmethod
     def backward(ctx, grad: Tensor):
-        layer = ctx.layer
-        dv = _kernels.int8_backward(layer["codes"], layer["scales_h"], ctx.prob, grad, layer["steps"],
-                                    layer["pixels"])
-        layer["free"], ctx.prob = ctx.prob, None
-        return dv[:, : ctx.head_dim], None  # (heads, head_dim)
+        parts = []
+        for g, jac, (heads, d), layer in zip(grad.split([j.shape[0] for j in ctx.jacs]), ctx.jacs, ctx.shapes,
+                                             ctx.layers, strict=True):
+            dv = (g.float() @ jac.view(jac.shape[0], -1)).view(heads, -1)  # (heads, d16)
+            parts.append(dv[:, :d].flatten())
+            layer["free"] = jac
+        ctx.jacs = None
+        return torch.cat(parts), None, None  # (sum heads * head_dim,)
 
 
 def _int8_layer(codes: Tensor, scales: Tensor, pixels: int, native: bool) -> dict:
     """Kernel inputs of one layer from codes ``(heads, R, head_dim)`` int8 and row scales ``(heads, R)``:
     for the fused kernels, or for torch's int8-weight matmul (which also needs the transposed codes)."""
     heads, rows, head_dim = codes.shape
-    if native:
-        return {"native": True, "codes": _pad_to(codes, 2, 16).contiguous(),  # (heads, R, d16) int8
-                "scales_h": scales.half().contiguous(),  # (heads, R), as the tracer stores them
-                "steps": rows // pixels, "pixels": pixels}
+    if native:  # blocks of 16 pixels, each block's rows of all steps contiguous
+        return {"native": True, "packed": _kernels.pack(codes, scales, rows // pixels, pixels),
+                "steps": rows // pixels}
     return {
         "codes": _pad_to(codes, 2, 16).contiguous(),  # (heads, R, d16) int8
         "codes_t": _pad_to(codes.transpose(1, 2), 2, 16).contiguous(),  # (heads, d, R16) int8
@@ -364,11 +367,11 @@ class _OpenVocabObjective:
 
     With two tokens the softmax is a sigmoid of the score difference, so each layer needs one product of
     the cached queries with ``W_k (x_obj - x_bg)`` per head; queries are laid out ``(heads, steps * N,
-    head_dim)`` once, so an epoch streams the cache twice (forward and gradient). An int8 cache is streamed
-    as int8 codes (half the bytes): through opendaam's fused C kernels (scores, sigmoid and the sum over
-    heads and steps in one pass; :mod:`opendaam._kernels`) where they build, else through torch's int8-weight
-    matmuls; a float cache in bfloat16, unless ``queries="int8"`` quantizes it (one scale per head, step and
-    pixel, as ``trace(query_dtype="int8")``).
+    head_dim)`` once. An int8 cache is streamed as int8 codes (half the bytes): through opendaam's fused C
+    kernel (scores, sigmoid, the sum over heads and steps and the map's Jacobian in one pass, so an epoch
+    reads the codes once; :mod:`opendaam._kernels`) where it builds, else through torch's int8-weight matmuls
+    (forward and gradient, two passes); a float cache in bfloat16, unless ``queries="int8"`` quantizes it
+    (one scale per head, step and pixel, as ``trace(query_dtype="int8")``).
     """
 
     def __init__(self, records: Sequence[Record], pipe, queries_as: str = "auto", native: bool = True):
@@ -427,11 +430,18 @@ class _OpenVocabObjective:
         for r, cache in zip(self.records, self.cache, strict=True):
             by_size: dict[tuple[int, int], Tensor] = {}  # (h_l, w_l) -> (N_l,) object maps summed over layers
             total = 0.0  # heads x steps over all layers: the object and background maps add up to it
+            native = [n for n, q in cache.items() if isinstance(q, dict) and q.get("native")]
+            objs = {}
+            if native:  # all native layers in one kernel dispatch: (N_l,) maps, fused score, sigmoid and sums
+                flat = torch.cat([vectors[n].flatten() for n in native])  # (sum heads * head_dim,)
+                joined = _NativeInt8Maps.apply(flat, [cache[n] for n in native],
+                                               [tuple(vectors[n].shape) for n in native])
+                objs = dict(zip(native, joined.split([r.layers[n].pixels for n in native]), strict=True))
             for name, info in r.layers.items():
                 v = vectors[name]  # (heads, head_dim)
                 q = cache[name]
-                if isinstance(q, dict) and q.get("native"):
-                    obj = _NativeInt8Map.apply(v, q)  # (N,): fused score, sigmoid and sum over heads and steps
+                if name in objs:
+                    obj = objs[name]  # (N,)
                     steps = q["steps"]
                 else:
                     if isinstance(q, dict):

@@ -1,26 +1,40 @@
-/* Open-vocabulary token optimization on int8 query caches: fused forward and gradient kernels.
+/* Open-vocabulary token optimization on int8 query caches: the map and its Jacobian in one pass.
  *
- * One call handles one attention head of one layer. Rows are (step, pixel) pairs, each row holds the
- * head's int8 query codes (d a multiple of 16) and one fp16 scale. With X' = [object, background] the
- * object's softmax probability is sigmoid(scale_r * codes_r . v), v the scaled key difference.
+ * Rows of a head are (step, pixel) pairs; each row holds the head's int8 query codes (d a multiple of 16)
+ * and one fp16 scale. With X' = [object, background] the object's softmax probability is
+ * sigmoid(scale_r * codes_r . v_h), v_h the head's scaled key difference, so
  *
- *   forward:  prob_r = sigmoid(scale_r * codes_r . v);  map[pixel] += prob_r over steps
- *   backward: grad = sum_r g[pixel_r] * prob_r * (1 - prob_r) * scale_r * codes_r
+ *   map[pixel]        = sum over heads h and steps of prob_r
+ *   jac[pixel, h, :]  = sum over steps of prob_r (1 - prob_r) scale_r codes_r      (= d map[pixel] / d v_h)
  *
- * The forward product runs on int16 (v quantized per head with 15 bits, exact int32 sums: codes are at most
- * 127 in size, so 128 * 127 * 32767 < 2^31) with AVX-512 VNNI; probabilities are kept in fp16 for the
- * gradient (the map itself is summed from float32). Scales and probabilities in fp16 halve the bytes that
- * are not codes: the kernels are bound by memory bandwidth. Compiled at first
- * use by opendaam._kernels with -march=native; opendaam falls back to torch when this fails.
+ * and the gradient of any loss of the map is g @ jac: the codes are read once per epoch, not twice. The
+ * product runs on int16 (v quantized per head with 15 bits, exact int32 sums: codes are at most 127 in size,
+ * so 128 * 127 * 32767 < 2^31) with AVX-512 VNNI, the Jacobian's weights in int16 per block of 16 pixels.
+ * Compiled at first use by opendaam._kernels with -march=native; opendaam falls back to torch when this
+ * fails.
  */
 #include <immintrin.h>
 #include <stdint.h>
+#include <string.h>
+#ifdef __AMX_INT8__
+#include <sys/syscall.h>
+#include <unistd.h>
 
-#define INLINE static inline __attribute__((always_inline))
-#ifndef PREFETCH
-#define PREFETCH 16384 /* bytes ahead of the rows being read: software prefetch keeps more DRAM reads in flight */
+/* Linux hands AMX tile state to a process only on request (arch_prctl ARCH_REQ_XCOMP_PERM, XTILEDATA) */
+static int amx_ready(void) {
+    static volatile int state = 0;  /* 0 unknown, 1 granted, -1 refused (asking twice is harmless) */
+    if (state == 0) state = syscall(SYS_arch_prctl, 0x1023, 18) == 0 ? 1 : -1;
+    return state == 1;
+}
+
+typedef struct {
+    uint8_t palette, start_row, reserved[14];
+    uint16_t colsb[16];
+    uint8_t rows[16];
+} __attribute__((packed)) tile_config;
 #endif
 
+#define INLINE static inline __attribute__((always_inline))
 /* 16 vectors of 16 int32 -> one vector holding their 16 horizontal sums, in order */
 INLINE __m512i hsum16(const __m512i *r) {
     __m512i a[8], b[4], c[2];
@@ -70,19 +84,18 @@ INLINE __m512 sigmoid16(__m512 s) {
     return _mm512_mul_ps(x, _mm512_fnmadd_ps(den, x, _mm512_set1_ps(2.f)));
 }
 
-INLINE __m512 load_half(const uint16_t *p) { return _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)p)); }
-INLINE void store_half(uint16_t *p, __m512 x) {
-    _mm256_storeu_si256((__m256i *)p, _mm512_cvtps_ph(x, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
-}
-
-#define FBLOCK 1024 /* rows whose scores wait in L1 for the sigmoid (a separate loop keeps the dot products'
-                       registers free) */
-INLINE void forward_head(const int8_t *codes, const uint16_t *scales, const float *v, int64_t steps, int64_t n,
-                         int nc, uint16_t *prob, float *map) {
-    int64_t d = 16 * (int64_t)nc, rows = steps * n;
+/* Map and Jacobian of one head in one pass, over pixel blocks [b0, b1). The codes are laid out in blocks of
+ * 16 pixels, (blocks, steps, 16, d), zero rows past the last pixel, so that one block's rows of all steps are
+ * contiguous: they are read once from memory (streamed, with a software prefetch of the next block), then
+ * again from L1/L2 for the Jacobian. */
+#define SCHUNK 64 /* steps whose weights are kept on the stack at once (more steps: the Jacobian is re-read) */
+INLINE void map_jac_head(const int8_t *codes, const uint16_t *scales, const float *v, int64_t steps, int64_t n,
+                         int nc, int64_t b0, int64_t b1, float *map, float *jac, int64_t jstride, int amx) {
+    int64_t d = 16 * (int64_t)nc;
     float amax = 0.f;
     for (int64_t k = 0; k < d; k++) amax = v[k] > amax ? v[k] : (-v[k] > amax ? -v[k] : amax);
-    float unit = amax > 0.f ? amax / 32767.f : 1.f;
+    /* AMX multiplies int8 by int8: v = 256 hi + lo with int8 parts, so its 16 bits stop at 127 * 256 */
+    float unit = amax > 0.f ? amax / (amx ? 32512.f : 32767.f) : 1.f;
     int16_t vq[128];
     for (int64_t k = 0; k < d; k++) {
         float x = v[k] / unit;
@@ -91,130 +104,121 @@ INLINE void forward_head(const int8_t *codes, const uint16_t *scales, const floa
     __m512i v32[4];
     for (int j = 0; j + 2 <= nc; j += 2) v32[j / 2] = _mm512_loadu_si512((const void *)(vq + 16 * j));
     __m256i v16 = nc % 2 ? _mm256_loadu_si256((const __m256i *)(vq + 16 * (nc - 1))) : _mm256_setzero_si256();
-    __m512 vunit = _mm512_set1_ps(unit);
-    float buf[FBLOCK + 16];
-    for (int64_t r0 = 0; r0 < rows; r0 += FBLOCK) {
-        int64_t nb = rows - r0 < FBLOCK ? rows - r0 : FBLOCK;
-        int64_t i = 0;
-        for (; i < nb; i += 16) {  /* scores, 16 rows at a time; a short last group is padded with zero rows */
-            __m512i acc[16];
-            const int8_t *c = codes + (r0 + i) * d;
-            const char *ahead = (const char *)(c + 16 * d) + PREFETCH;
-            for (int64_t b = 0; b < 16 * d; b += 64) _mm_prefetch(ahead + b, _MM_HINT_T0);
-            int m = nb - i < 16 ? (int)(nb - i) : 16;
-            for (int k = 0; k < 16; k++) acc[k] = k < m ? row_dot(c + k * d, v32, v16, nc) : _mm512_setzero_si512();
-            __m512 sc;
-            if (m == 16) {
-                sc = load_half(scales + r0 + i);
-            } else {
-                uint16_t part[16] = {0};
-                for (int k = 0; k < m; k++) part[k] = scales[r0 + i + k];
-                sc = load_half(part);
-            }
-            _mm512_storeu_ps(buf + i, _mm512_mul_ps(_mm512_mul_ps(_mm512_cvtepi32_ps(hsum16(acc)), vunit), sc));
+    __m512 vunit = _mm512_set1_ps(unit), one = _mm512_set1_ps(1.f);
+#ifdef __AMX_INT8__
+    /* B tiles: rows of 4 consecutive elements of v, in two columns (hi, lo); one tile per 64 elements */
+    int8_t bt[2][16 * 8];
+    int32_t out32[32];
+    __m512i even = _mm512_set_epi32(30, 28, 26, 24, 22, 20, 18, 16, 14, 12, 10, 8, 6, 4, 2, 0);
+    __m512i odd = _mm512_add_epi32(even, _mm512_set1_epi32(1));
+    if (amx) {
+        memset(bt, 0, sizeof bt);
+        for (int64_t k = 0; k < d; k++) {
+            int hi = (vq[k] + (vq[k] >= 0 ? 128 : -127)) / 256;  /* |hi| <= 127, lo in -128..127 */
+            bt[k / 64][(k % 64) / 4 * 8 + k % 4] = (int8_t)hi;
+            bt[k / 64][(k % 64) / 4 * 8 + 4 + k % 4] = (int8_t)(vq[k] - 256 * hi);
         }
-        for (i = 0; i < nb; i += 16) _mm512_storeu_ps(buf + i, sigmoid16(_mm512_loadu_ps(buf + i)));
-        /* the map from the float32 probabilities; a group of 16 rows stays in one step when it fits */
-        for (i = 0; i < nb; i += 16) {
-            int64_t q = (r0 + i) % n;
-            if (i + 16 <= nb && q + 16 <= n)
-                _mm512_storeu_ps(map + q, _mm512_add_ps(_mm512_loadu_ps(map + q), _mm512_loadu_ps(buf + i)));
-            else
-                for (int64_t k = i; k < nb && k < i + 16; k++) map[(r0 + k) % n] += buf[k];
-        }
-        for (i = 0; i + 16 <= nb; i += 16) store_half(prob + r0 + i, _mm512_loadu_ps(buf + i));
-        if (i < nb) {
-            uint16_t part[16];
-            store_half(part, _mm512_loadu_ps(buf + i));
-            for (int64_t k = i; k < nb; k++) prob[r0 + k] = part[k - i];
-        }
+        _tile_loadd(2, bt[0], 8);
+        if (d > 64) _tile_loadd(4, bt[1], 8);
     }
-}
-
-/* Gradient: w_r = g[pixel] * p (1 - p) * scale_r is quantized to int16 per block of WBLOCK rows (the
- * block's absolute maximum is 32767), and pairs of rows are interleaved so that one VNNI instruction adds
- * w_r c_r[k] + w_{r+1} c_{r+1}[k] to an exact int32 sum; each block is then added to float sums with its
- * scale. WBLOCK * 127 * 32767 < 2^31 keeps the int32 sums exact. */
-#define WBLOCK 256
-INLINE void backward_head(const int8_t *codes, const uint16_t *scales, const uint16_t *prob, const float *g, int64_t steps,
-                          int64_t n, int nc, float *grad) {
-    int64_t d = 16 * (int64_t)nc, rows = steps * n;
-    int ng = nc / 2;  /* 32-element groups; an odd last 16-element chunk is handled on its own */
-    __m512 total[8];  /* float sums in the kernel's lane order */
-    for (int j = 0; j < nc; j++) total[j] = _mm512_setzero_ps();
-    float w[WBLOCK + 16];
-    int16_t wq[WBLOCK + 16];
-    int64_t nb;
-    for (int64_t r0 = 0; r0 < rows; r0 += nb) {
-        /* a block never crosses a step, so its pixels are contiguous */
-        int64_t q0 = r0 % n;
-        nb = n - q0 < WBLOCK ? n - q0 : WBLOCK;
-        const uint16_t *pr = prob + r0, *sc = scales + r0;
-        const float *gg = g + q0;
-        __m512 vmax = _mm512_setzero_ps();
-        for (int64_t i = 0; i < nb; i += 16) {
-            __m512 p, scale, gv;
-            if (i + 16 <= nb) {
-                p = load_half(pr + i), scale = load_half(sc + i), gv = _mm512_loadu_ps(gg + i);
-            } else {  /* short last group: zero weights past the block */
-                uint16_t pp[16] = {0}, ss[16] = {0};
-                float gp[16] = {0};
-                for (int64_t k = i; k < nb; k++) pp[k - i] = pr[k], ss[k - i] = sc[k], gp[k - i] = gg[k];
-                p = load_half(pp), scale = load_half(ss), gv = _mm512_loadu_ps(gp);
+#endif
+    float w[SCHUNK * 16];
+    int64_t block = steps * 16 * d;  /* bytes of one block's codes */
+    for (int64_t blk = b0; blk < b1; blk++) {
+        int64_t b = 16 * blk;  /* first pixel */
+        int m = n - b < 16 ? (int)(n - b) : 16;
+        const int8_t *base = codes + blk * block;
+        const uint16_t *sbase = scales + blk * steps * 16;
+        __mmask16 lanes = (__mmask16)((1u << m) - 1u);
+        __m512 msum = _mm512_setzero_ps();
+        for (int64_t s0 = 0; s0 < steps; s0 += SCHUNK) {
+            int64_t ns = steps - s0 < SCHUNK ? steps - s0 : SCHUNK;
+            for (int64_t s = 0; s < ns; s++) {
+                const int8_t *c = base + (s0 + s) * 16 * d;
+                if (blk + 1 < b1)  /* this step's rows of the next block */
+                    for (int64_t o = 0; o < 16 * d; o += 64) _mm_prefetch((const char *)(c + block) + o, _MM_HINT_T0);
+                __m512i dots;  /* the 16 rows' exact products with the int16 v */
+#ifdef __AMX_INT8__
+                if (amx) {  /* one tile product: 16 rows x (hi, lo) */
+                    _tile_zero(0);
+                    _tile_loadd(1, c, d);
+                    _tile_dpbssd(0, 1, 2);
+                    if (d > 64) {
+                        _tile_loadd(3, c + 64, d);
+                        _tile_dpbssd(0, 3, 4);
+                    }
+                    _tile_stored(0, out32, 8);
+                    __m512i z0 = _mm512_loadu_si512(out32), z1 = _mm512_loadu_si512(out32 + 16);
+                    dots = _mm512_add_epi32(_mm512_slli_epi32(_mm512_permutex2var_epi32(z0, even, z1), 8),
+                                            _mm512_permutex2var_epi32(z0, odd, z1));
+                } else
+#endif
+                {
+                    __m512i acc[16];
+                    for (int k = 0; k < 16; k++) acc[k] = row_dot(c + k * d, v32, v16, nc);
+                    dots = hsum16(acc);
+                }
+                __m512 sc = _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(lanes, sbase + (s0 + s) * 16));
+                __m512 p = sigmoid16(_mm512_mul_ps(_mm512_mul_ps(_mm512_cvtepi32_ps(dots), vunit), sc));
+                p = _mm512_maskz_mov_ps(lanes, p);
+                msum = _mm512_add_ps(msum, p);
+                _mm512_storeu_ps(w + 16 * s, _mm512_mul_ps(_mm512_mul_ps(p, _mm512_sub_ps(one, p)), sc));
             }
-            __m512 x = _mm512_mul_ps(_mm512_mul_ps(gv, scale), _mm512_mul_ps(p, _mm512_sub_ps(_mm512_set1_ps(1.f), p)));
-            _mm512_storeu_ps(w + i, x);
-            vmax = _mm512_max_ps(vmax, _mm512_abs_ps(x));
-        }
-        float amax = _mm512_reduce_max_ps(vmax);
-        if (amax == 0.f) continue;
-        float unit = amax / 32767.f;
-        __m512 inv = _mm512_set1_ps(32767.f / amax);
-        int64_t i = 0;
-        for (; i + 16 <= nb; i += 16)
-            _mm256_storeu_si256((__m256i *)(wq + i),
-                                _mm512_cvtsepi32_epi16(_mm512_cvtps_epi32(_mm512_mul_ps(_mm512_loadu_ps(w + i), inv))));
-        for (; i < nb; i++) {
-            float x = w[i] / unit;
-            wq[i] = (int16_t)(x >= 0.f ? (int)(x + 0.5f) : -(int)(-x + 0.5f));
-        }
-        wq[nb] = 0;
-        __m512i acc[8];
-        for (int j = 0; j < nc; j++) acc[j] = _mm512_setzero_si512();
-        for (i = 0; i < nb; i += 2) {
-            const int8_t *c0 = codes + (r0 + i) * d;
-            const int8_t *c1 = i + 1 < nb ? c0 + d : c0;  /* odd block end: its weight is 0 */
-            for (int64_t b = 0; b < 2 * d; b += 64) _mm_prefetch((const char *)c0 + PREFETCH + b, _MM_HINT_T0);
-            __m512i ww = _mm512_set1_epi32((int32_t)(((uint32_t)(uint16_t)wq[i + 1] << 16) | (uint16_t)wq[i]));
-            for (int k = 0; k < ng; k++) {
-                __m256i x0 = _mm256_loadu_si256((const __m256i *)(c0 + 32 * k));
-                __m256i x1 = _mm256_loadu_si256((const __m256i *)(c1 + 32 * k));
-                acc[2 * k] = _mm512_dpwssd_epi32(acc[2 * k], _mm512_cvtepi8_epi16(_mm256_unpacklo_epi8(x0, x1)), ww);
-                acc[2 * k + 1] = _mm512_dpwssd_epi32(acc[2 * k + 1], _mm512_cvtepi8_epi16(_mm256_unpackhi_epi8(x0, x1)), ww);
+            /* the block's weights in int16 (unit: their maximum / 32767; ns * 127 * 32767 < 2^31 keeps the
+             * int32 sums exact), each pixel's steps paired so that one VNNI instruction adds two rows */
+            __m512 wmax = _mm512_setzero_ps();
+            for (int64_t s = 0; s < ns; s++) wmax = _mm512_max_ps(wmax, _mm512_loadu_ps(w + 16 * s));
+            float top = _mm512_reduce_max_ps(wmax);
+            float wunit = top > 0.f ? top / 32767.f : 1.f;
+            __m512 inv = _mm512_set1_ps(1.f / wunit), wu = _mm512_set1_ps(wunit);
+            int16_t wq[(SCHUNK + 1) * 16];
+            for (int64_t s = 0; s < ns; s++)
+                _mm256_storeu_si256((__m256i *)(wq + 16 * s),
+                                    _mm512_cvtsepi32_epi16(_mm512_cvtps_epi32(_mm512_mul_ps(_mm512_loadu_ps(w + 16 * s), inv))));
+            _mm256_storeu_si256((__m256i *)(wq + 16 * ns), _mm256_setzero_si256());  /* odd last step pairs with 0 */
+            int ng = nc / 2;
+            for (int k = 0; k < m; k++) {
+                float *out = jac + (b + k) * jstride;
+                __m512i acc[8];
+                for (int j = 0; j < nc; j++) acc[j] = _mm512_setzero_si512();
+                for (int64_t s = 0; s < ns; s += 2) {
+                    const int8_t *c0 = base + ((s0 + s) * 16 + k) * d;
+                    const int8_t *c1 = s + 1 < ns ? c0 + 16 * d : c0;
+                    __m512i ww = _mm512_set1_epi32((int32_t)(((uint32_t)(uint16_t)wq[16 * (s + 1) + k] << 16) |
+                                                             (uint16_t)wq[16 * s + k]));
+                    for (int g = 0; g < ng; g++) {
+                        __m256i x0 = _mm256_loadu_si256((const __m256i *)(c0 + 32 * g));
+                        __m256i x1 = _mm256_loadu_si256((const __m256i *)(c1 + 32 * g));
+                        acc[2 * g] = _mm512_dpwssd_epi32(acc[2 * g], _mm512_cvtepi8_epi16(_mm256_unpacklo_epi8(x0, x1)), ww);
+                        acc[2 * g + 1] = _mm512_dpwssd_epi32(acc[2 * g + 1], _mm512_cvtepi8_epi16(_mm256_unpackhi_epi8(x0, x1)), ww);
+                    }
+                    if (nc % 2) {
+                        __m128i x0 = _mm_loadu_si128((const __m128i *)(c0 + 32 * ng));
+                        __m128i x1 = _mm_loadu_si128((const __m128i *)(c1 + 32 * ng));
+                        __m256i pair = _mm256_set_m128i(_mm_unpackhi_epi8(x0, x1), _mm_unpacklo_epi8(x0, x1));
+                        acc[nc - 1] = _mm512_dpwssd_epi32(acc[nc - 1], _mm512_cvtepi8_epi16(pair), ww);
+                    }
+                }
+                /* lane order of group g: acc[2g] holds elements 0-7 and 16-23, acc[2g+1] elements 8-15 and 24-31;
+                 * the odd last chunk is in order */
+                for (int g = 0; g < ng; g++) {
+                    __m512 lo = _mm512_mul_ps(_mm512_cvtepi32_ps(acc[2 * g]), wu);
+                    __m512 hi = _mm512_mul_ps(_mm512_cvtepi32_ps(acc[2 * g + 1]), wu);
+                    __m512 first = _mm512_shuffle_f32x4(lo, hi, _MM_SHUFFLE(1, 0, 1, 0));   /* 0-7 | 8-15 */
+                    __m512 second = _mm512_shuffle_f32x4(lo, hi, _MM_SHUFFLE(3, 2, 3, 2));  /* 16-23 | 24-31 */
+                    float *o = out + 32 * g;
+                    _mm512_storeu_ps(o, s0 ? _mm512_add_ps(_mm512_loadu_ps(o), first) : first);
+                    _mm512_storeu_ps(o + 16, s0 ? _mm512_add_ps(_mm512_loadu_ps(o + 16), second) : second);
+                }
+                if (nc % 2) {
+                    float *o = out + 32 * ng;
+                    __m512 x = _mm512_mul_ps(_mm512_cvtepi32_ps(acc[nc - 1]), wu);
+                    _mm512_storeu_ps(o, s0 ? _mm512_add_ps(_mm512_loadu_ps(o), x) : x);
+                }
             }
-            if (nc % 2) {
-                __m128i x0 = _mm_loadu_si128((const __m128i *)(c0 + 32 * ng));
-                __m128i x1 = _mm_loadu_si128((const __m128i *)(c1 + 32 * ng));
-                __m256i pair = _mm256_set_m128i(_mm_unpackhi_epi8(x0, x1), _mm_unpacklo_epi8(x0, x1));
-                acc[nc - 1] = _mm512_dpwssd_epi32(acc[nc - 1], _mm512_cvtepi8_epi16(pair), ww);
-            }
         }
-        __m512 vunit = _mm512_set1_ps(unit);
-        for (int j = 0; j < nc; j++) total[j] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(acc[j]), vunit, total[j]);
+        _mm512_mask_storeu_ps(map + b, lanes, _mm512_add_ps(_mm512_maskz_loadu_ps(lanes, map + b), msum));
     }
-    /* lane order of group k: acc[2k] holds elements 0-7 and 16-23, acc[2k+1] elements 8-15 and 24-31 */
-    for (int k = 0; k < ng; k++) {
-        float lo[16], hi[16];
-        _mm512_storeu_ps(lo, total[2 * k]);
-        _mm512_storeu_ps(hi, total[2 * k + 1]);
-        for (int e = 0; e < 8; e++) {
-            grad[32 * k + e] = lo[e];
-            grad[32 * k + 16 + e] = lo[8 + e];
-            grad[32 * k + 8 + e] = hi[e];
-            grad[32 * k + 24 + e] = hi[8 + e];
-        }
-    }
-    if (nc % 2) _mm512_storeu_ps(grad + 32 * ng, total[nc - 1]);
 }
 
 #define DISPATCH(CALL)                                                                                    \
@@ -230,34 +234,53 @@ INLINE void backward_head(const int8_t *codes, const uint16_t *scales, const uin
     default: return -1;                                                                                   \
     }
 
-/* Entry points. One call handles `heads` consecutive heads of `steps` steps each: head h's rows start
- * h * stride rows after the first (stride = all rows of a head, so a call may also cover a range of steps
- * of each head). The forward adds every head's probabilities into the one map; the backward writes one
- * gradient row of d floats per head. Returns 0, or -1 when d is not a multiple of 16 in 16..128. */
-int ov_int8_forward(const int8_t *codes, const uint16_t *scales, const float *v, int64_t heads, int64_t stride,
-                    int64_t steps, int64_t n, int64_t d, uint16_t *prob, float *map) {
-    if (d % 16) return -1;
-    int nc = (int)(d / 16);
-    for (int64_t h = 0; h < heads; h++) {
-        const int8_t *c = codes + h * stride * d;
-        const uint16_t *sc = scales + h * stride;
-        uint16_t *pr = prob + h * stride;
-        const float *vh = v + h * d;
-        DISPATCH(forward_head(c, sc, vh, steps, n, NC, pr, map))
-    }
+/* Whether the kernel can use AMX here: compiled for a CPU with AMX-INT8 and granted by the kernel. */
+int ov_int8_amx(void) {
+#ifdef __AMX_INT8__
+    return amx_ready();
+#else
     return 0;
+#endif
 }
 
-int ov_int8_backward(const int8_t *codes, const uint16_t *scales, const uint16_t *prob, const float *g,
-                     int64_t heads, int64_t stride, int64_t steps, int64_t n, int64_t d, float *grad) {
-    if (d % 16) return -1;
+/* One call: heads [h0, h1) and pixel blocks [b0, b1) of a layer's codes, laid out (heads, blocks, steps, 16,
+ * d) with scales (heads, blocks, steps, 16), blocks = ceil(n / 16). map has n floats (the call's pixels are
+ * added to), jac is (n, heads_total, d) floats (the rows of the call's pixels and heads are written). With
+ * amx = 1 the products run on AMX tiles where ov_int8_amx() says they can (the same exact integers).
+ * Returns 0, or -1 when d is not a multiple of 16 in 16..128. */
+int ov_int8_map(const int8_t *codes, const uint16_t *scales, const float *v, int64_t h0, int64_t h1,
+                int64_t heads_total, int64_t steps, int64_t n, int64_t d, int64_t b0, int64_t b1, float *map,
+                float *jac, int64_t amx) {
+    if (d % 16 || d > 128 || d < 16) return -1;
     int nc = (int)(d / 16);
-    for (int64_t h = 0; h < heads; h++) {
-        const int8_t *c = codes + h * stride * d;
-        const uint16_t *sc = scales + h * stride;
-        const uint16_t *pr = prob + h * stride;
-        float *gr = grad + h * d;
-        DISPATCH(backward_head(c, sc, pr, g, steps, n, NC, gr))
+    int64_t rows = steps * 16 * ((n + 15) / 16);  /* rows of a head, padding included */
+    int use = 0;
+#ifdef __AMX_INT8__
+    if (amx && amx_ready()) {
+        tile_config cfg;
+        memset(&cfg, 0, sizeof cfg);
+        cfg.palette = 1;
+        int k0 = d < 64 ? (int)d : 64;
+        cfg.rows[0] = 16, cfg.colsb[0] = 8;       /* C: 16 rows x 2 int32 */
+        cfg.rows[1] = 16, cfg.colsb[1] = k0;      /* A: 16 rows of codes */
+        cfg.rows[2] = k0 / 4, cfg.colsb[2] = 8;   /* B: v in (hi, lo) columns */
+        if (d > 64) {
+            cfg.rows[3] = 16, cfg.colsb[3] = (int)d - 64;
+            cfg.rows[4] = ((int)d - 64) / 4, cfg.colsb[4] = 8;
+        }
+        _tile_loadconfig(&cfg);
+        use = 1;
     }
+#else
+    (void)amx;
+#endif
+    for (int64_t h = h0; h < h1; h++) {
+        const int8_t *c = codes + h * rows * d;
+        const uint16_t *sc = scales + h * rows;
+        DISPATCH(map_jac_head(c, sc, v + h * d, steps, n, NC, b0, b1, map, jac + h * d, heads_total * d, use))
+    }
+#ifdef __AMX_INT8__
+    if (use) _tile_release();
+#endif
     return 0;
 }
