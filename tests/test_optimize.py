@@ -176,19 +176,21 @@ def test_native_kernels_match_float64_reference(shape, threads, amx):
     torch.set_num_threads(threads)
     try:
         got_map, jac = _kernels.int8_map(packed, v, amx=amx)
-        buffer = torch.full(jac.shape, float("nan"))
+        buffer = torch.full(jac.shape, float("nan"), dtype=torch.float16)
         again, jac2 = _kernels.int8_map(packed, v, jac=buffer, amx=amx)
+        (got_grad,) = _kernels.jac_grads([packed], [jac], [g])
     finally:
         torch.set_num_threads(old)
     d16 = -(-d // 16) * 16
-    assert got_map.shape == (n,) and jac.shape == (n, heads, d16)
+    assert got_map.shape == (n,) and jac.shape == (n, heads, d16) and jac.dtype == torch.float16
     assert jac2 is buffer and torch.equal(jac2, jac) and torch.equal(again, got_map)  # every entry written
     assert torch.allclose(got_map.double(), want_map, rtol=1e-4, atol=1e-3)
-    # the Jacobian's weights are int16 per block of 16 pixels: ~1e-4 of the block's largest
-    assert torch.allclose(jac[..., :d].double(), want_jac, atol=1e-3 * float(want_jac.abs().max()))
+    # int16 weights per block of 16 pixels (~1e-4 of the block's largest), float16 storage (~2.4e-4 relative)
+    got_jac = jac[..., :d].double() * packed.jac_unit
+    assert torch.allclose(got_jac, want_jac, atol=1e-3 * float(want_jac.abs().max()))
     assert not jac[..., d:].any()  # padded columns
-    got_grad = (g @ jac.view(n, -1)).view(heads, d16)[:, :d]
-    assert torch.allclose(got_grad.double(), want_grad, atol=1e-3 * float(want_grad.abs().max()))
+    assert got_grad.shape == (heads, d16) and not got_grad[:, d:].any()
+    assert torch.allclose(got_grad[:, :d].double(), want_grad, atol=1e-3 * float(want_grad.abs().max()))
     with pytest.raises(ValueError, match="over the kernels' 128"):
         _kernels.pack(torch.zeros(1, n, 144, dtype=torch.int8), scales[:1, :n], 1, n)
     with pytest.raises(ValueError, match="rows are not"):
@@ -196,7 +198,9 @@ def test_native_kernels_match_float64_reference(shape, threads, amx):
     with pytest.raises(ValueError, match="v must be"):
         _kernels.int8_map(packed, v[:, :-1])
     with pytest.raises(ValueError, match="jac must be"):
-        _kernels.int8_map(packed, v, jac=torch.empty(n, heads, d16 + 1))
+        _kernels.int8_map(packed, v, jac=torch.empty(n, heads, d16 + 1, dtype=torch.float16))
+    with pytest.raises(ValueError, match="g must be"):
+        _kernels.jac_grads([packed], [jac], [g[:-1]])
 
 
 def test_queries_option_validated():

@@ -27,7 +27,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-__all__ = ["Packed", "amx", "available", "int8_map", "int8_maps", "pack"]
+__all__ = ["Packed", "amx", "available", "int8_map", "int8_maps", "jac_grads", "pack"]
 
 _FLAGS = ["-O3", "-march=native", "-fPIC", "-shared"]
 
@@ -104,8 +104,9 @@ def _library() -> ctypes.CDLL | None:
     except OSError:
         return None
     pointer, size = ctypes.c_void_p, ctypes.c_int64
-    lib.ov_int8_map.argtypes = [pointer, pointer, pointer, *[size] * 8, pointer, pointer, size]
-    lib.ov_int8_map.restype = lib.ov_int8_amx.restype = ctypes.c_int
+    lib.ov_int8_map.argtypes = [pointer, pointer, pointer, *[size] * 8, pointer, pointer, ctypes.c_float, size]
+    lib.ov_jac_vm.argtypes = [pointer, pointer, size, size, size, pointer]
+    lib.ov_int8_map.restype = lib.ov_int8_amx.restype = lib.ov_jac_vm.restype = ctypes.c_int
     if not _self_check(lib):
         warnings.warn("opendaam's native int8 kernels disagree with the float reference on this machine; "
                       "using torch instead", RuntimeWarning, stacklevel=2)
@@ -132,11 +133,17 @@ def _self_check(lib: ctypes.CDLL) -> bool:
         scales = (torch.rand(heads, steps * n, generator=gen) * 0.02).half()
         v = torch.randn(heads, d, generator=gen)
         want_map, want_jac = _reference(codes, scales, v, steps, n)
+        g = torch.randn(n, generator=gen)
+        want_grad = torch.einsum("n,nhd->hd", g.double(), want_jac)
+        packed = pack(codes, scales, steps, n)
         for amx in (True, False):
-            (got_map,), (got_jac,) = _maps(lib, [pack(codes, scales, steps, n)], [v], threads=2, amx=amx)
+            (got_map,), (jac,) = _maps(lib, [packed], [v], threads=2, amx=amx)
+            got_jac = jac[..., :d].double() * packed.jac_unit
+            (got_grad,) = _jac_grads(lib, [packed], [jac], [g], threads=2)
             if not (torch.allclose(got_map.double(), want_map, rtol=1e-4, atol=1e-4 * float(want_map.abs().max()))
-                    and torch.allclose(got_jac[..., :d].double(), want_jac,
-                                       atol=1e-3 * float(want_jac.abs().max()))):
+                    and torch.allclose(got_jac, want_jac, atol=1e-3 * float(want_jac.abs().max()))
+                    and torch.allclose(got_grad[:, :d].double(), want_grad,
+                                       atol=1e-3 * float(want_grad.abs().max()))):
                 return False
     return True
 
@@ -166,13 +173,14 @@ def _maps(lib, packed: list[Packed], vs: list[Tensor], threads: int, jacs: list[
         v = _pad16(v.detach().float()).contiguous()  # (H, d16)
         padded.append(v)  # alive until the calls have run
         out = torch.zeros(p.n)  # (N,)
-        jac = torch.empty(p.n, heads, d) if jacs is None else jacs[i]  # (N, H, d16): every entry is written
+        jac = (torch.empty(p.n, heads, d, dtype=torch.float16) if jacs is None
+               else jacs[i])  # (N, H, d16) in units of p.jac_unit: every entry is written
         maps.append(out)
         out_jacs.append(jac)
         for t, (a, b) in enumerate(_block_ranges(blocks, threads)):
             per_thread[t].append(functools.partial(
                 lib.ov_int8_map, p.codes.data_ptr(), p.scales.data_ptr(), v.data_ptr(), 0, heads, heads, steps,
-                p.n, d, a, b, out.data_ptr(), jac.data_ptr(), int(amx)))
+                p.n, d, a, b, out.data_ptr(), jac.data_ptr(), p.jac_unit, int(amx)))
     tasks = [calls for calls in per_thread if calls]
 
     def run(calls) -> list[int]:
@@ -185,6 +193,33 @@ def _maps(lib, packed: list[Packed], vs: list[Tensor], threads: int, jacs: list[
     if any(code != 0 for code in codes):
         raise RuntimeError(f"native kernel failed with codes {codes}")
     return maps, out_jacs
+
+
+def _jac_grads(lib, packed: list[Packed], jacs: list[Tensor], gs: list[Tensor], threads: int) -> list[Tensor]:
+    """``g @ jac`` of several layers, ``(heads, d16)`` each, in one dispatch: each thread sums its range of
+    pixels of every layer, the threads' partial sums are added at the end."""
+    cols = [j.shape[1] * j.shape[2] for j in jacs]
+    offsets = [sum(cols[:i]) for i in range(len(cols))]
+    parts = torch.empty(threads, sum(cols))  # (threads, all columns), every entry written by its thread
+    gs = [g.detach().float().contiguous() for g in gs]
+    per_thread = [[] for _ in range(threads)]
+    for jac, g, c, o in zip(jacs, gs, cols, offsets, strict=True):
+        ranges = _block_ranges(jac.shape[0], threads)  # ranges of rows here
+        for t in range(threads):
+            r0, r1 = ranges[t] if t < len(ranges) else (0, 0)  # an empty range writes zeros
+            per_thread[t].append(functools.partial(lib.ov_jac_vm, jac.data_ptr(), g.data_ptr(), r0, r1, c,
+                                                   parts[t].data_ptr() + 4 * o))
+
+    def run(calls) -> list[int]:
+        return [call() for call in calls]
+
+    codes = ([c for done in _pool(threads).map(run, per_thread) for c in done] if threads > 1
+             else run(per_thread[0]))
+    if any(code != 0 for code in codes):
+        raise RuntimeError(f"native kernel failed with codes {codes}")
+    total = parts.sum(0) if threads > 1 else parts[0]
+    return [total[o : o + c].view(j.shape[1], j.shape[2]) * p.jac_unit
+            for p, j, c, o in zip(packed, jacs, cols, offsets, strict=True)]
 
 
 def amx() -> bool:
@@ -222,6 +257,7 @@ class Packed:
     scales: Tensor  # (heads, blocks, steps, 16) float16
     n: int  # pixels of the layer
     head_dim: int  # d before padding
+    jac_unit: float  # the float16 Jacobian's unit: its largest possible entry (steps * 127 * max scale / 4) / 2^15
 
 
 def pack(codes: Tensor, scales: Tensor, steps: int, n: int) -> Packed:
@@ -254,7 +290,9 @@ def pack(codes: Tensor, scales: Tensor, steps: int, n: int) -> Packed:
     c = c.view(heads, steps, blocks, 16, -1).transpose(1, 2).contiguous()  # (H, B, S, 16, d16)
     sc = torch.nn.functional.pad(scales.half().view(heads, steps, n), (0, extra))  # (H, S, 16 B)
     sc = sc.view(heads, steps, blocks, 16).transpose(1, 2).contiguous()  # (H, B, S, 16)
-    return Packed(codes=c, scales=sc, n=n, head_dim=d)
+    top = float(scales.float().abs().max()) if scales.numel() else 0.0
+    unit = steps * 127 * top / 4 / 2**15 or 1.0  # sigmoid' <= 1/4: every entry is within 2^15 units
+    return Packed(codes=c, scales=sc, n=n, head_dim=d, jac_unit=unit)
 
 
 def int8_map(packed: Packed, v: Tensor, jac: Tensor | None = None, amx: bool = True) -> tuple[Tensor, Tensor]:
@@ -263,21 +301,23 @@ def int8_map(packed: Packed, v: Tensor, jac: Tensor | None = None, amx: bool = T
     Args:
         packed: one layer's codes and scales from :func:`pack`.
         v: ``(heads, d)`` scaled key differences (object minus background), d the head size (or padded).
-        jac: a float32 ``(n, heads, d16)`` buffer to write the Jacobian to (saves the page faults of a new
+        jac: a float16 ``(n, heads, d16)`` buffer to write the Jacobian to (saves the page faults of a new
             allocation every epoch).
         amx: run the products on AMX tiles where :func:`amx` says they can (the same integers as the
             AVX-512 path; ``False`` forces that path).
 
     Returns:
-        The float32 map ``(n,)`` and its Jacobian ``(n, heads, d16)``, ``d map[p] / d v[h]`` (columns past
-        the head size are zero): the gradient of a loss with ``g = d loss / d map`` is ``g @ jac``.
+        The float32 map ``(n,)`` and its Jacobian ``d map[p] / d v[h]`` as float16 ``(n, heads, d16)`` in
+        units of ``packed.jac_unit`` (columns past the head size are zero): the gradient of a loss with
+        ``g = d loss / d map`` is :func:`jac_grads` (``g @ jac`` times the unit).
 
     Example:
         >>> p = pack(torch.ones(1, 2 * 16, 16, dtype=torch.int8), torch.full((1, 32), 0.5), steps=2, n=16)
         >>> if available():
         ...     m, jac = int8_map(p, torch.zeros(1, 16))
         ...     assert torch.allclose(m, torch.ones(16))                               # 2 steps x sigmoid(0)
-        ...     assert torch.allclose(jac, torch.full((16, 1, 16), 2 * 0.25 * 0.5))   # x sigmoid'(0) x scale
+        ...     want = torch.full((16, 1, 16), 2 * 0.25 * 0.5)                          # x sigmoid'(0) x scale
+        ...     assert torch.allclose(jac.float() * p.jac_unit, want, rtol=1e-3)  # float16 storage
     """
     maps, jacs = int8_maps([packed], [v], None if jac is None else [jac], amx)
     return maps[0], jacs[0]
@@ -306,6 +346,28 @@ def int8_maps(packed: list[Packed], vs: list[Tensor], jacs: list[Tensor] | None 
             raise ValueError(f"v must be ({heads}, {p.head_dim}), got {tuple(v.shape)}")
         shape = (p.n, heads, d)
         jac = None if jacs is None else jacs[i]
-        if jac is not None and (jac.dtype != torch.float32 or jac.shape != shape or not jac.is_contiguous()):
-            raise ValueError(f"jac must be a contiguous float32 {shape} buffer")
+        if jac is not None and (jac.dtype != torch.float16 or jac.shape != shape or not jac.is_contiguous()):
+            raise ValueError(f"jac must be a contiguous float16 {shape} buffer")
     return _maps(lib, packed, vs, torch.get_num_threads(), jacs, amx)
+
+
+def jac_grads(packed: list[Packed], jacs: list[Tensor], gs: list[Tensor]) -> list[Tensor]:
+    """Gradients ``(heads, d16)`` in the layers' vectors of a loss with ``gs[l] = d loss / d map_l``, from the
+    Jacobians :func:`int8_maps` returned, in one dispatch of the kernel threads.
+
+    Example:
+        >>> p = pack(torch.ones(1, 16, 16, dtype=torch.int8), torch.ones(1, 16), steps=1, n=16)
+        >>> if available():
+        ...     _, (jac,) = int8_maps([p], [torch.zeros(1, 16)])
+        ...     (grad,) = jac_grads([p], [jac], [torch.ones(16)])
+        ...     assert torch.allclose(grad, torch.full((1, 16), 16 * 0.25), rtol=1e-3)  # 16 x sigmoid'(0)
+    """
+    lib = _library()
+    if lib is None:
+        raise RuntimeError("opendaam's native kernels are not available here")
+    for p, jac, g in zip(packed, jacs, gs, strict=True):
+        if jac.dtype != torch.float16 or not jac.is_contiguous() or jac.shape[0] != p.n or jac.shape[2] % 16:
+            raise ValueError(f"jac must be a contiguous float16 ({p.n}, heads, d16) Jacobian from int8_maps")
+        if g.shape != (p.n,):
+            raise ValueError(f"g must be ({p.n},), got {tuple(g.shape)}")
+    return _jac_grads(lib, packed, jacs, gs, torch.get_num_threads())

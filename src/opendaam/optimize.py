@@ -318,6 +318,21 @@ class _Int8Scores(torch.autograd.Function):
         return dv.float()[:, : ctx.head_dim], None  # (heads, head_dim)
 
 
+class _StackedKeys(torch.autograd.Function):
+    """``W @ delta`` for the stacked bfloat16 keys of all layers, with the gradient from a row-major copy of
+    ``W^T``: both are matrix-vector products over contiguous rows, which torch runs 1.6x (forward) and 2x
+    (gradient) faster on CPU than ``F.linear`` and its transposed backward (SD 2: 31 MB of keys)."""
+
+    @staticmethod
+    def forward(ctx, delta: Tensor, w: Tensor, w_t: Tensor) -> Tensor:
+        ctx.w_t = w_t
+        return (w @ delta.detach().to(w.dtype)).float()  # (sum inner,)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        return (ctx.w_t @ grad.to(ctx.w_t.dtype)).float(), None, None  # (D,)
+
+
 class _NativeInt8Maps(torch.autograd.Function):
     """Object maps of one record's layers, each summed over heads and steps, concatenated ``(sum N_l,)``, from
     int8 codes through opendaam's fused kernel, which also returns each map's Jacobian in the layer's vectors:
@@ -331,19 +346,18 @@ class _NativeInt8Maps(torch.autograd.Function):
         free = [layer.pop("free", None) for layer in layers]
         maps, jacs = _kernels.int8_maps([layer["packed"] for layer in layers], vs,
                                         None if any(j is None for j in free) else free)
-        ctx.layers, ctx.shapes, ctx.jacs = layers, shapes, jacs  # jacs: (N_l, heads, d16) each
+        ctx.layers, ctx.shapes, ctx.jacs = layers, shapes, jacs  # jacs: (N_l, heads, d16) float16 each
         return torch.cat(maps)  # (sum N_l,)
 
     @staticmethod
     def backward(ctx, grad: Tensor):
-        parts = []
-        for g, jac, (heads, d), layer in zip(grad.split([j.shape[0] for j in ctx.jacs]), ctx.jacs, ctx.shapes,
-                                             ctx.layers, strict=True):
-            dv = (g.float() @ jac.view(jac.shape[0], -1)).view(heads, -1)  # (heads, d16)
-            parts.append(dv[:, :d].flatten())
+        jacs = ctx.jacs
+        grads = _kernels.jac_grads([layer["packed"] for layer in ctx.layers], jacs,
+                                   list(grad.split([j.shape[0] for j in jacs])))  # (heads, d16) each
+        for layer, jac in zip(ctx.layers, jacs, strict=True):
             layer["free"] = jac
         ctx.jacs = None
-        return torch.cat(parts), None, None  # (sum heads * head_dim,)
+        return torch.cat([dv[:, :d].flatten() for dv, (_, d) in zip(grads, ctx.shapes, strict=True)]), None, None
 
 
 def _int8_layer(codes: Tensor, scales: Tensor, pixels: int, native: bool) -> dict:
@@ -409,13 +423,14 @@ class _OpenVocabObjective:
         if not any(m.norm_cross or m.norm_k is not None for m in self.modules.values()):
             self.stacked = torch.cat([self.modules[n].to_k.weight.detach().float() * info.scale
                                       for n, info in first.items()]).to(torch.bfloat16)  # (sum inner, D)
+            self.stacked_t = self.stacked.T.contiguous()  # (D, sum inner): the gradient's product, row-major
             self.splits = [info.heads * info.head_dim for info in first.values()]
 
     def _vectors(self, x: Tensor) -> dict[str, Tensor]:
         """Per layer ``(heads, head_dim)``: the scaled key difference of the object and background rows."""
         layers = self.records[0].layers
         if self.stacked is not None:
-            flat = F.linear((x[0] - x[1]).to(torch.bfloat16), self.stacked).float()  # (sum inner,)
+            flat = _StackedKeys.apply(x[0] - x[1], self.stacked, self.stacked_t)  # (sum inner,)
             return {n: part.view(info.heads, info.head_dim)
                     for (n, info), part in zip(layers.items(), flat.split(self.splits), strict=True)}
         vectors = {}

@@ -84,13 +84,19 @@ INLINE __m512 sigmoid16(__m512 s) {
     return _mm512_mul_ps(x, _mm512_fnmadd_ps(den, x, _mm512_set1_ps(2.f)));
 }
 
+INLINE __m512 load_half(const uint16_t *p) { return _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)p)); }
+INLINE void store_half(uint16_t *p, __m512 x) {
+    _mm256_storeu_si256((__m256i *)p, _mm512_cvtps_ph(x, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
+}
+
 /* Map and Jacobian of one head in one pass, over pixel blocks [b0, b1). The codes are laid out in blocks of
  * 16 pixels, (blocks, steps, 16, d), zero rows past the last pixel, so that one block's rows of all steps are
  * contiguous: they are read once from memory (streamed, with a software prefetch of the next block), then
  * again from L1/L2 for the Jacobian. */
 #define SCHUNK 64 /* steps whose weights are kept on the stack at once (more steps: the Jacobian is re-read) */
 INLINE void map_jac_head(const int8_t *codes, const uint16_t *scales, const float *v, int64_t steps, int64_t n,
-                         int nc, int64_t b0, int64_t b1, float *map, float *jac, int64_t jstride, int amx) {
+                         int nc, int64_t b0, int64_t b1, float *map, uint16_t *jac, int64_t jstride, float jinv,
+                         int amx) {
     int64_t d = 16 * (int64_t)nc;
     float amax = 0.f;
     for (int64_t k = 0; k < d; k++) amax = v[k] > amax ? v[k] : (-v[k] > amax ? -v[k] : amax);
@@ -170,7 +176,7 @@ INLINE void map_jac_head(const int8_t *codes, const uint16_t *scales, const floa
             for (int64_t s = 0; s < ns; s++) wmax = _mm512_max_ps(wmax, _mm512_loadu_ps(w + 16 * s));
             float top = _mm512_reduce_max_ps(wmax);
             float wunit = top > 0.f ? top / 32767.f : 1.f;
-            __m512 inv = _mm512_set1_ps(1.f / wunit), wu = _mm512_set1_ps(wunit);
+            __m512 inv = _mm512_set1_ps(1.f / wunit), wj = _mm512_set1_ps(wunit * jinv);  /* to the jac's unit */
             int16_t wq[(SCHUNK + 1) * 16];
             for (int64_t s = 0; s < ns; s++)
                 _mm256_storeu_si256((__m256i *)(wq + 16 * s),
@@ -178,7 +184,7 @@ INLINE void map_jac_head(const int8_t *codes, const uint16_t *scales, const floa
             _mm256_storeu_si256((__m256i *)(wq + 16 * ns), _mm256_setzero_si256());  /* odd last step pairs with 0 */
             int ng = nc / 2;
             for (int k = 0; k < m; k++) {
-                float *out = jac + (b + k) * jstride;
+                uint16_t *out = jac + (b + k) * jstride;
                 __m512i acc[8];
                 for (int j = 0; j < nc; j++) acc[j] = _mm512_setzero_si512();
                 for (int64_t s = 0; s < ns; s += 2) {
@@ -202,18 +208,18 @@ INLINE void map_jac_head(const int8_t *codes, const uint16_t *scales, const floa
                 /* lane order of group g: acc[2g] holds elements 0-7 and 16-23, acc[2g+1] elements 8-15 and 24-31;
                  * the odd last chunk is in order */
                 for (int g = 0; g < ng; g++) {
-                    __m512 lo = _mm512_mul_ps(_mm512_cvtepi32_ps(acc[2 * g]), wu);
-                    __m512 hi = _mm512_mul_ps(_mm512_cvtepi32_ps(acc[2 * g + 1]), wu);
+                    __m512 lo = _mm512_mul_ps(_mm512_cvtepi32_ps(acc[2 * g]), wj);
+                    __m512 hi = _mm512_mul_ps(_mm512_cvtepi32_ps(acc[2 * g + 1]), wj);
                     __m512 first = _mm512_shuffle_f32x4(lo, hi, _MM_SHUFFLE(1, 0, 1, 0));   /* 0-7 | 8-15 */
                     __m512 second = _mm512_shuffle_f32x4(lo, hi, _MM_SHUFFLE(3, 2, 3, 2));  /* 16-23 | 24-31 */
-                    float *o = out + 32 * g;
-                    _mm512_storeu_ps(o, s0 ? _mm512_add_ps(_mm512_loadu_ps(o), first) : first);
-                    _mm512_storeu_ps(o + 16, s0 ? _mm512_add_ps(_mm512_loadu_ps(o + 16), second) : second);
+                    uint16_t *o = out + 32 * g;
+                    store_half(o, s0 ? _mm512_add_ps(load_half(o), first) : first);
+                    store_half(o + 16, s0 ? _mm512_add_ps(load_half(o + 16), second) : second);
                 }
                 if (nc % 2) {
-                    float *o = out + 32 * ng;
-                    __m512 x = _mm512_mul_ps(_mm512_cvtepi32_ps(acc[nc - 1]), wu);
-                    _mm512_storeu_ps(o, s0 ? _mm512_add_ps(_mm512_loadu_ps(o), x) : x);
+                    uint16_t *o = out + 32 * ng;
+                    __m512 x = _mm512_mul_ps(_mm512_cvtepi32_ps(acc[nc - 1]), wj);
+                    store_half(o, s0 ? _mm512_add_ps(load_half(o), x) : x);
                 }
             }
         }
@@ -234,6 +240,24 @@ INLINE void map_jac_head(const int8_t *codes, const uint16_t *scales, const floa
     default: return -1;                                                                                   \
     }
 
+/* out[c] = sum over rows [r0, r1) of g[r] jac[r, c] for a float16 (rows, cols) matrix, cols a multiple of 16
+ * (out is written, not added to): the gradient of the map's loss from its Jacobian. */
+int ov_jac_vm(const uint16_t *jac, const float *g, int64_t r0, int64_t r1, int64_t cols, float *out) {
+    if (cols % 16) return -1;
+    for (int64_t c0 = 0; c0 < cols; c0 += 384) {  /* 24 accumulators of 16 columns stay in registers */
+        int nb = (int)((cols - c0) / 16 < 24 ? (cols - c0) / 16 : 24);
+        __m512 acc[24];
+        for (int k = 0; k < 24; k++) acc[k] = _mm512_setzero_ps();
+        for (int64_t r = r0; r < r1; r++) {
+            __m512 gv = _mm512_set1_ps(g[r]);
+            const uint16_t *p = jac + r * cols + c0;
+            for (int k = 0; k < nb; k++) acc[k] = _mm512_fmadd_ps(load_half(p + 16 * k), gv, acc[k]);
+        }
+        for (int k = 0; k < nb; k++) _mm512_storeu_ps(out + c0 + 16 * k, acc[k]);
+    }
+    return 0;
+}
+
 /* Whether the kernel can use AMX here: compiled for a CPU with AMX-INT8 and granted by the kernel. */
 int ov_int8_amx(void) {
 #ifdef __AMX_INT8__
@@ -245,12 +269,13 @@ int ov_int8_amx(void) {
 
 /* One call: heads [h0, h1) and pixel blocks [b0, b1) of a layer's codes, laid out (heads, blocks, steps, 16,
  * d) with scales (heads, blocks, steps, 16), blocks = ceil(n / 16). map has n floats (the call's pixels are
- * added to), jac is (n, heads_total, d) floats (the rows of the call's pixels and heads are written). With
+ * added to), jac is (n, heads_total, d) float16 in units of jac_unit (the rows of the call's pixels and heads
+ * are written; jac_unit keeps the largest possible entry, steps * 127 * max scale / 4, in float16's range). With
  * amx = 1 the products run on AMX tiles where ov_int8_amx() says they can (the same exact integers).
  * Returns 0, or -1 when d is not a multiple of 16 in 16..128. */
 int ov_int8_map(const int8_t *codes, const uint16_t *scales, const float *v, int64_t h0, int64_t h1,
                 int64_t heads_total, int64_t steps, int64_t n, int64_t d, int64_t b0, int64_t b1, float *map,
-                float *jac, int64_t amx) {
+                uint16_t *jac, float jac_unit, int64_t amx) {
     if (d % 16 || d > 128 || d < 16) return -1;
     int nc = (int)(d / 16);
     int64_t rows = steps * 16 * ((n + 15) / 16);  /* rows of a head, padding included */
@@ -277,7 +302,8 @@ int ov_int8_map(const int8_t *codes, const uint16_t *scales, const float *v, int
     for (int64_t h = h0; h < h1; h++) {
         const int8_t *c = codes + h * rows * d;
         const uint16_t *sc = scales + h * rows;
-        DISPATCH(map_jac_head(c, sc, v + h * d, steps, n, NC, b0, b1, map, jac + h * d, heads_total * d, use))
+        DISPATCH(map_jac_head(c, sc, v + h * d, steps, n, NC, b0, b1, map, jac + h * d, heads_total * d,
+                              1.f / jac_unit, use))
     }
 #ifdef __AMX_INT8__
     if (use) _tile_release();
