@@ -15,6 +15,7 @@ depend on values; no generation is needed), then times, in one process:
 Usage::
 
     python bench/bench_optimize.py --threads 1 --epochs 5 --out bench/results/optimize.json
+    python bench/bench_optimize.py --threads 2 --epochs 7 --images 2 --out bench/results/optimize_2images.json
 """
 
 from __future__ import annotations
@@ -139,15 +140,17 @@ def read_floor(record: Record, repeats: int = 7) -> float:
     return statistics.median(times)
 
 
-def time_opendaam(record, pipe, method: str, epochs: int, mask, **options) -> float:
-    """Seconds per epoch per image of :func:`optimize_token`: the median time between the per-epoch callbacks
-    (setup, such as laying out the query cache, is outside every interval)."""
-    kwargs = dict(init=torch.randn(record.meta["text_dim"]), method=method, pipe=pipe, progress=False,
+def time_opendaam(records, pipe, method: str, epochs: int, mask, **options) -> float:
+    """Seconds per epoch per image of :func:`optimize_token` on ``records`` (one record or several): the
+    median time between the per-epoch callbacks, divided by the number of images (setup, such as laying out
+    the query cache, is outside every interval)."""
+    records = records if isinstance(records, list) else [records]
+    kwargs = dict(init=torch.randn(records[0].meta["text_dim"]), method=method, pipe=pipe, progress=False,
                   size="latent", patience=10**6)
     stamps = []
-    optimize_token([record], [mask], epochs=epochs + 1, callback=lambda entry: stamps.append(time.perf_counter()),
-                   **kwargs, **options)
-    return statistics.median(b - a for a, b in zip(stamps, stamps[1:], strict=False))
+    optimize_token(records, [mask] * len(records), epochs=epochs + 1,
+                   callback=lambda entry: stamps.append(time.perf_counter()), **kwargs, **options)
+    return statistics.median(b - a for a, b in zip(stamps, stamps[1:], strict=False)) / len(records)
 
 
 def main() -> None:
@@ -156,6 +159,8 @@ def main() -> None:
     parser.add_argument("--size", type=int, default=512)
     parser.add_argument("--calls", type=int, default=31, help="U-Net calls (PNDM: 31 for 30 steps)")
     parser.add_argument("--epochs", type=int, default=5)
+    parser.add_argument("--images", type=int, default=1,
+                        help="training images per optimization (the thesis trains on 2); times are per image")
     parser.add_argument("--out", default="bench/results/optimize.json")
     args = parser.parse_args()
     set_threads(args.threads)
@@ -163,7 +168,8 @@ def main() -> None:
 
     torch.manual_seed(0)
     unet = UNet2DConditionModel(**ARCHITECTURES["sd2-base"].unet)
-    record = synthetic_record(unet, args.size, args.calls)
+    records = [synthetic_record(unet, args.size, args.calls, seed=i) for i in range(args.images)]
+    record = records[0]
     pipe = _Pipe(unet)
     h, w = record.latent_size
     mask = torch.zeros(h, w)
@@ -173,21 +179,22 @@ def main() -> None:
         "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "machine": f"{platform.machine()} {os.cpu_count()} cores, torch {torch.__version__}",
         "size": args.size, "latent": [h, w], "text_dim": record.meta["text_dim"], "calls": args.calls,
-        "threads": args.threads, "epochs": args.epochs,
+        "threads": args.threads, "epochs": args.epochs, "images": args.images,
     }
-    result["linear_s_per_epoch"] = time_opendaam(record, pipe, "linear", args.epochs * 20, mask)
-    result["open_vocab_s_per_epoch"] = time_opendaam(record, pipe, "open_vocab", args.epochs, mask)
+    result["linear_s_per_epoch"] = time_opendaam(records, pipe, "linear", args.epochs * 20, mask)
+    result["open_vocab_s_per_epoch"] = time_opendaam(records, pipe, "open_vocab", args.epochs, mask)
     from opendaam import _kernels
 
     result["native_kernels"] = _kernels.available()
-    int8 = int8_record(record)
-    result["open_vocab_int8_s_per_epoch"] = time_opendaam(int8, pipe, "open_vocab", args.epochs, mask)
-    result["open_vocab_int8_torch_s_per_epoch"] = time_opendaam(int8, pipe, "open_vocab", args.epochs, mask,
+    int8s = [int8_record(r) for r in records]
+    int8 = int8s[0]
+    result["open_vocab_int8_s_per_epoch"] = time_opendaam(int8s, pipe, "open_vocab", args.epochs, mask)
+    result["open_vocab_int8_torch_s_per_epoch"] = time_opendaam(int8s, pipe, "open_vocab", args.epochs, mask,
                                                                 native=False)
     result["int8_cache_bytes"] = sum(q.numel() for q in int8.queries.values())
     result["int8_cache_read_s"] = read_floor(int8)  # the native epoch's floor (torch int8: twice this)
     result["amx"] = _kernels.amx()
-    for method, fn in (("linear", loop_linear_epoch), ("open_vocab", loop_open_vocab_epoch)):
+    for method, fn in (("linear", loop_linear_epoch), ("open_vocab", loop_open_vocab_epoch)):  # one image
         rows = 2 if method == "open_vocab" else 1
         x = torch.nn.Parameter(torch.randn(rows, record.meta["text_dim"])[0 if rows == 1 else slice(None)])
         opt = torch.optim.Adam([x], lr=0.1)
