@@ -129,6 +129,12 @@ def test_open_vocab_int8_kernels_match_float_objective(records, tiny_pipe, sourc
     (a * weights).sum().backward()
     (b * weights).sum().backward()
     assert F.cosine_similarity(x1.grad.flatten(), x2.grad.flatten(), dim=0) > 0.999
+    assert 0.98 < float(x1.grad.norm() / x2.grad.norm()) < 1.02  # the size too, not only the direction
+    if native:  # the Jacobians are released after one backward
+        a = fast(x1)
+        (a * weights).sum().backward(retain_graph=True)
+        with pytest.raises(RuntimeError, match="released after one backward"):
+            (a * weights).sum().backward()
 
 
 @pytest.mark.parametrize("queries", ["bfloat16", "int8"])
@@ -201,6 +207,44 @@ def test_native_kernels_match_float64_reference(shape, threads, amx):
         _kernels.int8_map(packed, v, jac=torch.empty(n, heads, d16 + 1, dtype=torch.float16))
     with pytest.raises(ValueError, match="g must be"):
         _kernels.jac_grads([packed], [jac], [g[:-1]])
+
+
+@pytest.mark.parametrize("shape", [(2, 3, 16, 16), (3, 2, 5, 40), (4, 31, 64, 64), (1, 2, 30, 80),
+                                   (2, 1, 7, 128), (1, 67, 40, 32)])
+def test_native_amx_and_vnni_paths_give_the_same_integers(shape):
+    """Where AMX is granted the tile path runs, and its maps and Jacobians equal the AVX-512 VNNI path's bit
+    for bit (both quantize v to the same int16, so any tile configuration or lane error would show)."""
+    from opendaam import _kernels
+
+    if not _native_expected():
+        pytest.skip("no AVX-512 VNNI CPU or C compiler here")
+    if "amx_int8" not in open("/proc/cpuinfo").read():
+        pytest.skip("no AMX on this CPU")
+    assert _kernels.amx()  # where the CPU has it, the suite must exercise the tile path
+    heads, steps, n, d = shape
+    gen = torch.Generator().manual_seed(7 + sum(shape))
+    codes = torch.randint(-127, 128, (heads, steps * n, d), generator=gen, dtype=torch.int8)
+    scales = (torch.rand(heads, steps * n, generator=gen) * 0.03).half()
+    v = torch.randn(heads, d, generator=gen) * 3
+    packed = _kernels.pack(codes, scales, steps, n)
+    tiles, vnni = _kernels.int8_map(packed, v, amx=True), _kernels.int8_map(packed, v, amx=False)
+    assert torch.equal(tiles[0], vnni[0]) and torch.equal(tiles[1], vnni[1])
+
+
+def test_native_kernel_refuses_a_bad_packed_layer():
+    """A hand-built ``Packed`` whose shapes do not match its pixel count is refused before the kernel runs."""
+    from opendaam import _kernels
+
+    if not _native_expected():
+        pytest.skip("no AVX-512 VNNI CPU or C compiler here")
+    good = _kernels.pack(torch.ones(1, 2 * 40, 16, dtype=torch.int8), torch.ones(1, 80), steps=2, n=40)
+    bad = _kernels.Packed(codes=good.codes, scales=good.scales, n=60, head_dim=16, jac_unit=good.jac_unit)
+    with pytest.raises(ValueError, match="not a packed layer of 60 pixels"):
+        _kernels.int8_maps([bad], [torch.zeros(1, 16)])
+    strided = _kernels.Packed(codes=good.codes.transpose(1, 2), scales=good.scales, n=40, head_dim=16,
+                              jac_unit=good.jac_unit)
+    with pytest.raises(ValueError, match="build it with pack"):
+        _kernels.int8_maps([strided], [torch.zeros(1, 16)])
 
 
 def test_queries_option_validated():

@@ -1,6 +1,6 @@
 """Native kernels for open-vocabulary token optimization on int8 query caches, compiled at first use.
 
-``assets/kernels/ov_int8.c`` (C with AVX-512 VNNI intrinsics) is compiled once per machine and source
+``assets/kernels/ov_int8.c`` (C with AVX-512 VNNI and AMX intrinsics) is compiled once per machine and source
 version with the system's C compiler (``$CC``, else ``cc`` or ``gcc``) into ``$OPENDAAM_CACHE`` (default
 ``~/.cache/opendaam``), loaded with :mod:`ctypes` and checked against a float64 reference before first
 use. Without a compiler, on another CPU or with ``OPENDAAM_NATIVE=0``, :func:`available` is ``False`` and
@@ -148,7 +148,7 @@ def _self_check(lib: ctypes.CDLL) -> bool:
     return True
 
 
-@functools.lru_cache(maxsize=1)
+@functools.cache
 def _pool(threads: int) -> ThreadPoolExecutor:
     """A persistent thread pool of ``threads`` workers (a pool per call costs more than small layers)."""
     return ThreadPoolExecutor(threads, thread_name_prefix="opendaam-kernel")
@@ -260,6 +260,17 @@ class Packed:
     jac_unit: float  # the float16 Jacobian's unit: its largest possible entry (steps * 127 * max scale / 4) / 2^15
 
 
+def _check_packed(p: Packed) -> None:
+    """Raise unless ``p`` has the layout the kernel reads (its strides come from ``n`` and the shapes)."""
+    c, s = p.codes, p.scales
+    ok = (c.dtype == torch.int8 and c.dim() == 5 and c.is_contiguous() and c.shape[3] == 16
+          and c.shape[4] % 16 == 0 and 16 <= c.shape[4] <= 128 and c.shape[1] == -(-p.n // 16)
+          and s.dtype == torch.float16 and s.is_contiguous() and tuple(s.shape) == tuple(c.shape[:4]))
+    if not ok:
+        raise ValueError(f"not a packed layer of {p.n} pixels: codes {c.dtype} {tuple(c.shape)}, scales "
+                         f"{s.dtype} {tuple(s.shape)}; build it with pack()")
+
+
 def pack(codes: Tensor, scales: Tensor, steps: int, n: int) -> Packed:
     """Lay out one layer's int8 codes for :func:`int8_map`: blocks of 16 pixels whose rows of all steps are
     contiguous (the kernel streams one block at a time), head size zero-padded to a multiple of 16.
@@ -341,6 +352,7 @@ def int8_maps(packed: list[Packed], vs: list[Tensor], jacs: list[Tensor] | None 
     if len(vs) != len(packed) or (jacs is not None and len(jacs) != len(packed)):
         raise ValueError(f"{len(packed)} layers need as many vectors (got {len(vs)}) and Jacobian buffers")
     for i, (p, v) in enumerate(zip(packed, vs, strict=True)):
+        _check_packed(p)
         heads, _, _, _, d = p.codes.shape
         if v.dim() != 2 or v.shape[0] != heads or v.shape[1] not in (p.head_dim, d):
             raise ValueError(f"v must be ({heads}, {p.head_dim}), got {tuple(v.shape)}")

@@ -24,6 +24,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+from torch.autograd.function import once_differentiable
 
 from opendaam import _kernels
 from opendaam._io import atomic_write_with
@@ -350,8 +351,12 @@ class _NativeInt8Maps(torch.autograd.Function):
         return torch.cat(maps)  # (sum N_l,)
 
     @staticmethod
+    @once_differentiable
     def backward(ctx, grad: Tensor):
         jacs = ctx.jacs
+        if jacs is None:
+            raise RuntimeError("the native kernel's Jacobians are released after one backward pass; "
+                               "recompute the maps instead of retain_graph=True")
         grads = _kernels.jac_grads([layer["packed"] for layer in ctx.layers], jacs,
                                    list(grad.split([j.shape[0] for j in jacs])))  # (heads, d16) each
         for layer, jac in zip(ctx.layers, jacs, strict=True):
@@ -362,7 +367,7 @@ class _NativeInt8Maps(torch.autograd.Function):
 
 def _int8_layer(codes: Tensor, scales: Tensor, pixels: int, native: bool) -> dict:
     """Kernel inputs of one layer from codes ``(heads, R, head_dim)`` int8 and row scales ``(heads, R)``:
-    for the fused kernels, or for torch's int8-weight matmul (which also needs the transposed codes)."""
+    for the fused kernel, or for torch's int8-weight matmul (which also needs the transposed codes)."""
     heads, rows, head_dim = codes.shape
     if native:  # blocks of 16 pixels, each block's rows of all steps contiguous
         return {"native": True, "packed": _kernels.pack(codes, scales, rows // pixels, pixels),

@@ -8,8 +8,10 @@
  *   jac[pixel, h, :]  = sum over steps of prob_r (1 - prob_r) scale_r codes_r      (= d map[pixel] / d v_h)
  *
  * and the gradient of any loss of the map is g @ jac: the codes are read once per epoch, not twice. The
- * product runs on int16 (v quantized per head with 15 bits, exact int32 sums: codes are at most 127 in size,
- * so 128 * 127 * 32767 < 2^31) with AVX-512 VNNI, the Jacobian's weights in int16 per block of 16 pixels.
+ * product is exact in int32: v is quantized per head to int16 within +-32512 (= 127 * 256, so that it also
+ * splits into two int8 halves, 256 hi + lo, for AMX tiles), codes are at most 127 in size, and
+ * 128 * 127 * 32512 < 2^31. It runs on AMX tiles where the CPU and Linux allow, else with AVX-512 VNNI; both
+ * give the same integers. The Jacobian's weights are int16 per block of 16 pixels (VNNI pairs of rows).
  * Compiled at first use by opendaam._kernels with -march=native; opendaam falls back to torch when this
  * fails.
  */
@@ -100,8 +102,9 @@ INLINE void map_jac_head(const int8_t *codes, const uint16_t *scales, const floa
     int64_t d = 16 * (int64_t)nc;
     float amax = 0.f;
     for (int64_t k = 0; k < d; k++) amax = v[k] > amax ? v[k] : (-v[k] > amax ? -v[k] : amax);
-    /* AMX multiplies int8 by int8: v = 256 hi + lo with int8 parts, so its 16 bits stop at 127 * 256 */
-    float unit = amax > 0.f ? amax / (amx ? 32512.f : 32767.f) : 1.f;
+    /* AMX multiplies int8 by int8: v = 256 hi + lo with int8 parts, so its 16 bits stop at 127 * 256 (the
+     * VNNI path uses the same unit, so that both paths compute the same integers) */
+    float unit = amax > 0.f ? amax / 32512.f : 1.f;
     int16_t vq[128];
     for (int64_t k = 0; k < d; k++) {
         float x = v[k] / unit;
