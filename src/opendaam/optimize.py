@@ -58,7 +58,7 @@ class OptimizeConfig:
     seed: int = 0  # seeds the background token's initialization (open_vocab)
     progress: bool = True  # show a progress bar
     queries: str = "auto"  # open_vocab: int8 caches run int8 kernels (half the bytes); "int8" quantizes others
-    native: bool = True  # int8 caches: fused C kernels (compiled at first use) when this machine can build them
+    native: bool = True  # int8 caches: the fused C kernel (compiled at first use) when this machine can build it
 
     def __post_init__(self):
         if self.method not in ("linear", "open_vocab"):
