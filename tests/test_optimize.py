@@ -289,3 +289,23 @@ def test_nearest_words_finds_the_word_itself(tiny_pipe):
     found = nearest_words(states[1], tiny_pipe, k=3, vocabulary=["tree", "car", "building", "sky"])
     assert found[0][0] == "car" and found[0][1] == pytest.approx(1.0, abs=1e-4)
     assert len(found) == 3
+
+
+def test_adam_matches_torch_adam():
+    """The optimizer of optimize_token takes the same steps as torch.optim.Adam with the same settings."""
+    from opendaam.optimize import _Adam
+
+    gen = torch.Generator().manual_seed(3)
+    a = torch.nn.Parameter(torch.randn(2, 64, generator=gen))
+    b = torch.nn.Parameter(a.detach().clone())
+    ours, theirs = _Adam(a, lr=0.05), torch.optim.Adam([b], lr=0.05, foreach=False)
+    for _ in range(25):
+        g = torch.randn(2, 64, generator=gen)
+        ours.zero_grad()
+        theirs.zero_grad()
+        (a * g).sum().backward()
+        (b * g).sum().backward()
+        ours.step()
+        theirs.step()
+    assert a.grad is not None and torch.allclose(a, b, rtol=0, atol=1e-6)
+    assert not torch.equal(a, torch.zeros_like(a))
