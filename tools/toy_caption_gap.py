@@ -22,8 +22,8 @@ import torch
 import torch.nn.functional as F
 
 from opendaam.models import load_pipeline, set_threads
-from opendaam.toyworld.scene import CLASSES, class_mask, render_scene, template_caption
-from opendaam.toyworld.train import HELD_OUT, _alphas, _tokenize, render_dataset
+from opendaam.toyworld.scene import CLASSES, class_mask, render_scene
+from opendaam.toyworld.train import HELD_OUT, _caption_predictions, render_dataset
 
 
 @torch.no_grad()
@@ -37,16 +37,8 @@ def region_gaps(pipe, scenes: int, seed: int, t: int = 500) -> dict:
         F.avg_pool2d(torch.from_numpy(class_mask(render_scene(HELD_OUT + i, cls=c).labels, c).astype(np.float32))
                      [None, None], factor)[0, 0] for i, c in enumerate(classes)])  # (N, h, w) object fraction
     latents = vae.encode(images).latent_dist.mean * vae.config.scaling_factor  # (N, 4, h, w)
-    noise = torch.randn(latents.shape, generator=torch.Generator().manual_seed(seed))
-    a = _alphas(pipe.scheduler)[t]
-    noisy = a.sqrt() * latents + (1 - a).sqrt() * noise
-    steps = torch.full((scenes,), t)
-    wrong = [CLASSES[(CLASSES.index(c) + 1) % len(CLASSES)] for c in classes]
-    errors = {}
-    for name, captions in (("right", [template_caption(c) for c in classes]),
-                           ("wrong", [template_caption(c) for c in wrong]), ("empty", [""] * scenes)):
-        states = text(_tokenize(tokenizer, captions))[0]
-        errors[name] = ((unet(noisy, steps, encoder_hidden_states=states).sample - noise) ** 2).mean(1)  # (N, h, w)
+    noise, preds = _caption_predictions(unet, text, tokenizer, latents, classes, pipe.scheduler, t, seed)
+    errors = {name: ((pred - noise) ** 2).mean(1) for name, pred in preds.items()}  # (N, h, w) each
     result = {"scenes": scenes, "noise_seed": seed, "t": t, "object_area": float(weights.mean())}
     for region, w in (("all", torch.ones_like(weights)), ("object", weights), ("background", 1 - weights)):
         loss = {k: float((e * w).sum() / w.sum()) for k, e in errors.items()}

@@ -27,7 +27,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-__all__ = ["Packed", "amx", "available", "int8_map", "int8_maps", "jac_grads", "pack"]
+__all__ = ["Packed", "amx", "available", "int8_map", "int8_maps", "jac_grads", "pack", "pad16"]
 
 _FLAGS = ["-O3", "-march=native", "-fPIC", "-shared"]
 
@@ -162,25 +162,8 @@ def _block_ranges(blocks: int, threads: int) -> list[tuple[int, int]]:
     return [(a, b) for a, b in zip(bounds[:-1], bounds[1:], strict=True) if b > a]
 
 
-def _maps(lib, packed: list[Packed], vs: list[Tensor], threads: int, jacs: list[Tensor] | None = None,
-          amx: bool = True) -> tuple[list[Tensor], list[Tensor]]:
-    """Kernel maps and Jacobians of several layers (into ``jacs`` when given; products on AMX tiles where the
-    CPU and OS allow and ``amx``): thread ``t`` computes the ``t``-th range of pixel blocks of every layer,
-    so the threads meet once for all layers."""
-    maps, out_jacs, padded, per_thread = [], [], [], [[] for _ in range(threads)]
-    for i, (p, v) in enumerate(zip(packed, vs, strict=True)):
-        heads, blocks, steps, _, d = p.codes.shape
-        v = _pad16(v.detach().float()).contiguous()  # (H, d16)
-        padded.append(v)  # alive until the calls have run
-        out = torch.zeros(p.n)  # (N,)
-        jac = (torch.empty(p.n, heads, d, dtype=torch.float16) if jacs is None
-               else jacs[i])  # (N, H, d16) in units of p.jac_unit: every entry is written
-        maps.append(out)
-        out_jacs.append(jac)
-        for t, (a, b) in enumerate(_block_ranges(blocks, threads)):
-            per_thread[t].append(functools.partial(
-                lib.ov_int8_map, p.codes.data_ptr(), p.scales.data_ptr(), v.data_ptr(), 0, heads, heads, steps,
-                p.n, d, a, b, out.data_ptr(), jac.data_ptr(), p.jac_unit, int(amx)))
+def _dispatch(per_thread: list[list], threads: int) -> None:
+    """Run each thread's list of kernel calls, the lists in parallel on the pool; raise if a call failed."""
     tasks = [calls for calls in per_thread if calls]
 
     def run(calls) -> list[int]:
@@ -192,6 +175,28 @@ def _maps(lib, packed: list[Packed], vs: list[Tensor], threads: int, jacs: list[
         codes = run(tasks[0]) if tasks else []
     if any(code != 0 for code in codes):
         raise RuntimeError(f"native kernel failed with codes {codes}")
+
+
+def _maps(lib, packed: list[Packed], vs: list[Tensor], threads: int, jacs: list[Tensor] | None = None,
+          amx: bool = True) -> tuple[list[Tensor], list[Tensor]]:
+    """Kernel maps and Jacobians of several layers (into ``jacs`` when given; products on AMX tiles where the
+    CPU and OS allow and ``amx``): thread ``t`` computes the ``t``-th range of pixel blocks of every layer,
+    so the threads meet once for all layers."""
+    maps, out_jacs, padded, per_thread = [], [], [], [[] for _ in range(threads)]
+    for i, (p, v) in enumerate(zip(packed, vs, strict=True)):
+        heads, blocks, steps, _, d = p.codes.shape
+        v = pad16(v.detach().float()).contiguous()  # (H, d16)
+        padded.append(v)  # alive until the calls have run
+        out = torch.zeros(p.n)  # (N,)
+        jac = (torch.empty(p.n, heads, d, dtype=torch.float16) if jacs is None
+               else jacs[i])  # (N, H, d16) in units of p.jac_unit: every entry is written
+        maps.append(out)
+        out_jacs.append(jac)
+        for t, (a, b) in enumerate(_block_ranges(blocks, threads)):
+            per_thread[t].append(functools.partial(
+                lib.ov_int8_map, p.codes.data_ptr(), p.scales.data_ptr(), v.data_ptr(), 0, heads, heads, steps,
+                p.n, d, a, b, out.data_ptr(), jac.data_ptr(), p.jac_unit, int(amx)))
+    _dispatch(per_thread, threads)
     return maps, out_jacs
 
 
@@ -209,14 +214,7 @@ def _jac_grads(lib, packed: list[Packed], jacs: list[Tensor], gs: list[Tensor], 
             r0, r1 = ranges[t] if t < len(ranges) else (0, 0)  # an empty range writes zeros
             per_thread[t].append(functools.partial(lib.ov_jac_vm, jac.data_ptr(), g.data_ptr(), r0, r1, c,
                                                    parts[t].data_ptr() + 4 * o))
-
-    def run(calls) -> list[int]:
-        return [call() for call in calls]
-
-    codes = ([c for done in _pool(threads).map(run, per_thread) for c in done] if threads > 1
-             else run(per_thread[0]))
-    if any(code != 0 for code in codes):
-        raise RuntimeError(f"native kernel failed with codes {codes}")
+    _dispatch(per_thread, threads)  # every thread has a call per layer: each writes its row of parts
     total = parts.sum(0) if threads > 1 else parts[0]
     return [total[o : o + c].view(j.shape[1], j.shape[2]) * p.jac_unit
             for p, j, c, o in zip(packed, jacs, cols, offsets, strict=True)]
@@ -243,8 +241,13 @@ def available() -> bool:
     return _library() is not None
 
 
-def _pad16(t: Tensor) -> Tensor:
-    """``t`` zero-padded in its last dimension to a multiple of 16."""
+def pad16(t: Tensor) -> Tensor:
+    """``t`` zero-padded in its last dimension to a multiple of 16 (the kernels' and int8 matmuls' unit).
+
+    Example:
+        >>> tuple(pad16(torch.ones(2, 40)).shape)
+        (2, 48)
+    """
     extra = -t.shape[-1] % 16
     return torch.nn.functional.pad(t, (0, extra)) if extra else t
 
@@ -297,7 +300,7 @@ def pack(codes: Tensor, scales: Tensor, steps: int, n: int) -> Packed:
     if scales.shape != codes.shape[:2]:
         raise ValueError(f"scales must be {tuple(codes.shape[:2])}, got {tuple(scales.shape)}")
     blocks, extra = -(-n // 16), -n % 16
-    c = torch.nn.functional.pad(_pad16(codes).view(heads, steps, n, -1), (0, 0, 0, extra))  # (H, S, 16 B, d16)
+    c = torch.nn.functional.pad(pad16(codes).view(heads, steps, n, -1), (0, 0, 0, extra))  # (H, S, 16 B, d16)
     c = c.view(heads, steps, blocks, 16, -1).transpose(1, 2).contiguous()  # (H, B, S, 16, d16)
     sc = torch.nn.functional.pad(scales.half().view(heads, steps, n), (0, extra))  # (H, S, 16 B)
     sc = sc.view(heads, steps, blocks, 16).transpose(1, 2).contiguous()  # (H, B, S, 16)

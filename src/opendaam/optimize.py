@@ -29,7 +29,7 @@ from torch.autograd.function import once_differentiable
 from opendaam import _kernels
 from opendaam._io import atomic_write_with
 from opendaam.cache import queries
-from opendaam.heatmaps import _key_modules, _keys, encode_text, find_tokens
+from opendaam.heatmaps import _key_modules, _keys, _to_latent, encode_text, find_tokens
 from opendaam.tracing import Record, _store_queries, upsample
 
 __all__ = [
@@ -288,16 +288,6 @@ class _LinearObjective:
         return torch.matmul(self.m, x[0]) + self.bias  # (N, P): one map per image for the object row
 
 
-def _pad_to(t: Tensor, dim: int, multiple: int) -> Tensor:
-    """``t`` zero-padded along ``dim`` to a multiple of ``multiple``."""
-    extra = -t.shape[dim] % multiple
-    if not extra:
-        return t
-    shape = list(t.shape)
-    shape[dim] = extra
-    return torch.cat([t, t.new_zeros(shape)], dim=dim)
-
-
 @functools.cache
 def _int8_kernel_ok() -> bool:
     """Whether torch's int8-weight matmul (``aten._weight_int8pack_mm``, a private op) exists and agrees
@@ -329,7 +319,7 @@ class _Int8Scores(torch.autograd.Function):
     def forward(ctx, v: Tensor, layer: dict) -> Tensor:
         op = torch.ops.aten._weight_int8pack_mm
         heads, head_dim = v.shape
-        vb = _pad_to(v.detach().to(torch.bfloat16), 1, 16)  # (heads, d16)
+        vb = _kernels.pad16(v.detach().to(torch.bfloat16))  # (heads, d16)
         out = torch.cat([op(vb[h : h + 1], layer["codes"][h], layer["scales"][h]) for h in range(heads)])  # (heads, R)
         ctx.layer, ctx.head_dim = layer, head_dim
         return out.float()
@@ -338,7 +328,7 @@ class _Int8Scores(torch.autograd.Function):
     def backward(ctx, grad: Tensor):
         op = torch.ops.aten._weight_int8pack_mm
         layer = ctx.layer
-        weighted = _pad_to((grad * layer["scales_f"]).to(torch.bfloat16), 1, 16)  # (heads, R16)
+        weighted = _kernels.pad16((grad * layer["scales_f"]).to(torch.bfloat16))  # (heads, R16)
         ones = layer["ones"]
         dv = torch.cat([op(weighted[h : h + 1], layer["codes_t"][h], ones) for h in range(len(weighted))])
         return dv.float()[:, : ctx.head_dim], None  # (heads, head_dim)
@@ -395,11 +385,10 @@ def _int8_layer(codes: Tensor, scales: Tensor, pixels: int, native: bool) -> dic
     for the fused kernel, or for torch's int8-weight matmul (which also needs the transposed codes)."""
     heads, rows, head_dim = codes.shape
     if native:  # blocks of 16 pixels, each block's rows of all steps contiguous
-        return {"native": True, "packed": _kernels.pack(codes, scales, rows // pixels, pixels),
-                "steps": rows // pixels}
+        return {"native": True, "packed": _kernels.pack(codes, scales, rows // pixels, pixels)}
     return {
-        "codes": _pad_to(codes, 2, 16).contiguous(),  # (heads, R, d16) int8
-        "codes_t": _pad_to(codes.transpose(1, 2), 2, 16).contiguous(),  # (heads, d, R16) int8
+        "codes": _kernels.pad16(codes).contiguous(),  # (heads, R, d16) int8
+        "codes_t": _kernels.pad16(codes.transpose(1, 2)).contiguous(),  # (heads, d, R16) int8
         "scales": scales.to(torch.bfloat16).contiguous(),  # (heads, R)
         "scales_f": scales.float().contiguous(),  # (heads, R)
         "ones": torch.ones(head_dim, dtype=torch.bfloat16),  # the gradient's rows carry no scale
@@ -473,7 +462,8 @@ class _OpenVocabObjective:
         maps = []
         vectors = self._vectors(x)
         for r, cache in zip(self.records, self.cache, strict=True):
-            by_size: dict[tuple[int, int], Tensor] = {}  # (h_l, w_l) -> (N_l,) object maps summed over layers
+            by_size: dict[tuple[int, int], str] = {}  # (h_l, w_l) -> the first layer of that size
+            summed: dict[str, Tensor] = {}  # that layer -> (1, N_l) object maps of all layers of its size
             total = 0.0  # heads x steps over all layers: the object and background maps add up to it
             native = [n for n, q in cache.items() if isinstance(q, dict) and q.get("native")]
             objs = {}
@@ -487,7 +477,7 @@ class _OpenVocabObjective:
                 q = cache[name]
                 if name in objs:
                     obj = objs[name]  # (N,)
-                    steps = q["steps"]
+                    steps = q["packed"].codes.shape[2]  # (heads, blocks, steps, 16, d16)
                 else:
                     if isinstance(q, dict):
                         score = _Int8Scores.apply(v, q)  # (heads, S*N)
@@ -497,23 +487,14 @@ class _OpenVocabObjective:
                         score = torch.stack([(q[h] @ vb[h, :, None])[:, 0] for h in range(info.heads)]).float()
                     obj = torch.sigmoid(score).view(info.heads, -1, info.pixels).sum((0, 1))  # (N,)
                     steps = score.shape[1] // info.pixels
-                key = (info.height, info.width)
-                by_size[key] = obj if key not in by_size else by_size[key] + obj
+                first = by_size.setdefault((info.height, info.width), name)
+                summed[first] = obj[None] if first not in summed else summed[first] + obj
                 total += float(info.heads * steps)
-            obj = _upsample_sum(by_size, r)  # (P,)
-            # interpolation is linear and keeps constants, so the background's map is the total minus the object's
+            # interpolation is linear: each size is interpolated once, after its layers are summed; it also keeps
+            # constants, so the background's map is the total minus the object's
+            obj = _to_latent(summed, r).flatten()  # (P,)
             maps.append(torch.stack([obj, total - obj]))  # (2, P): object, background
         return torch.stack(maps)  # (N, 2, P)
-
-
-def _upsample_sum(by_size: dict[tuple[int, int], Tensor], record: Record) -> Tensor:
-    """Flat latent map ``(P,)``: maps of each layer size summed first, then interpolated once per size."""
-    mode = record.meta.get("trace_config", {}).get("upsample", "bicubic")
-    out = None
-    for (lh, lw), flat in by_size.items():
-        up = upsample(flat.view(1, lh, lw), tuple(record.latent_size), mode).flatten()  # (P,)
-        out = up if out is None else out + up
-    return out
 
 
 def optimize_token(

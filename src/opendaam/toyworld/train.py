@@ -119,6 +119,25 @@ def _train_vae(vae, images: torch.Tensor, cfg: TrainConfig, log) -> None:
 
 
 @torch.no_grad()
+def _caption_predictions(unet, text_encoder, tokenizer, vae_latents: torch.Tensor, classes: list[str], scheduler,
+                         t: int = 500, seed: int = 1) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """The noise and the U-Net's predictions ``(N, 4, h, w)`` at ``t`` with the right, the wrong-class (the
+    next class of :data:`CLASSES`) and the empty caption, from the same noisy latents."""
+    gen = torch.Generator().manual_seed(seed)
+    noise = torch.randn(vae_latents.shape, generator=gen)
+    a = _alphas(scheduler)[t]
+    noisy = a.sqrt() * vae_latents + (1 - a).sqrt() * noise
+    steps = torch.full((len(classes),), t)
+    wrong = [CLASSES[(CLASSES.index(c) + 1) % len(CLASSES)] for c in classes]
+    preds = {}
+    for name, captions in (("right", [template_caption(c) for c in classes]),
+                           ("wrong", [template_caption(c) for c in wrong]), ("empty", [""] * len(classes))):
+        states = text_encoder(_tokenize(tokenizer, captions))[0]
+        preds[name] = unet(noisy, steps, encoder_hidden_states=states).sample
+    return noise, preds
+
+
+@torch.no_grad()
 def caption_gap(unet, text_encoder, tokenizer, vae_latents: torch.Tensor, classes: list[str], scheduler,
                 t: int = 500, seed: int = 1) -> dict:
     """Denoising loss at timestep ``t`` with the right, a wrong-class and an empty caption.
@@ -137,18 +156,8 @@ def caption_gap(unet, text_encoder, tokenizer, vae_latents: torch.Tensor, classe
         >>> sorted(gap)
         ['empty', 'empty_gap', 'right', 'wrong', 'wrong_gap']
     """
-    gen = torch.Generator().manual_seed(seed)
-    noise = torch.randn(vae_latents.shape, generator=gen)
-    a = _alphas(scheduler)[t]
-    noisy = a.sqrt() * vae_latents + (1 - a).sqrt() * noise
-    steps = torch.full((len(classes),), t)
-    wrong = [CLASSES[(CLASSES.index(c) + 1) % len(CLASSES)] for c in classes]
-    losses = {}
-    for name, captions in (("right", [template_caption(c) for c in classes]),
-                           ("wrong", [template_caption(c) for c in wrong]), ("empty", [""] * len(classes))):
-        states = text_encoder(_tokenize(tokenizer, captions))[0]
-        pred = unet(noisy, steps, encoder_hidden_states=states).sample
-        losses[name] = float(F.mse_loss(pred, noise))
+    noise, preds = _caption_predictions(unet, text_encoder, tokenizer, vae_latents, classes, scheduler, t, seed)
+    losses = {name: float(F.mse_loss(pred, noise)) for name, pred in preds.items()}
     losses["wrong_gap"] = losses["wrong"] / losses["right"] - 1
     losses["empty_gap"] = losses["empty"] / losses["right"] - 1
     return losses
