@@ -4,7 +4,10 @@ The issue's gate compares the denoising MSE of the right caption with a wrong-cl
 over whole latents (``opendaam.toyworld.train.caption_gap``, which this reproduces exactly). Here the same
 squared errors are also averaged over the pixels of the main object (its ground-truth mask pooled to the
 16 x 16 latent grid, as area weights) and over the rest, and per class: it shows where the caption's
-information goes.
+information goes. It also splits them by the Cityscapes label of the latent pixels (which parts of the scene
+the caption informs, and which carry the loss), by how much the class matters to each scene (the loss of
+the nearest other class caption over the right one's, in quartiles), and repeats the whole-image and object
+gaps at other timesteps.
 
 Usage::
 
@@ -22,28 +25,36 @@ import torch
 import torch.nn.functional as F
 
 from opendaam.models import load_pipeline, set_threads
-from opendaam.toyworld.scene import CLASSES, class_mask, render_scene
-from opendaam.toyworld.train import HELD_OUT, _caption_predictions, render_dataset
+from opendaam.toyworld.scene import CLASSES, LABEL_IDS, class_mask, render_scene, template_caption
+from opendaam.toyworld.train import HELD_OUT, _alphas, _caption_predictions, _tokenize, render_dataset
+
+TIMESTEPS = (100, 300, 500, 700, 900)
+
+
+def _gaps(errors: dict[str, torch.Tensor], w: torch.Tensor) -> dict:
+    """Area-weighted right / wrong / empty losses over ``w`` and the two relative gaps."""
+    loss = {k: float((e * w).sum() / w.sum()) for k, e in errors.items()}
+    return {**loss, "wrong_gap": loss["wrong"] / loss["right"] - 1, "empty_gap": loss["empty"] / loss["right"] - 1}
 
 
 @torch.no_grad()
-def region_gaps(pipe, scenes: int, seed: int, t: int = 500) -> dict:
+def region_gaps(pipe, scenes: int, seed: int, t: int = 500, timesteps: tuple[int, ...] = TIMESTEPS) -> dict:
     """Right / wrong / empty caption losses and gaps over all, object and background latent pixels."""
     unet, text, tokenizer, vae = pipe.unet.float(), pipe.text_encoder.float(), pipe.tokenizer, pipe.vae.float()
     classes = [CLASSES[i % len(CLASSES)] for i in range(scenes)]
     images, _, _ = render_dataset([HELD_OUT + i for i in range(scenes)], classes)  # (N, 3, 64, 64)
     factor = images.shape[-1] // unet.config.sample_size
+    labels = torch.from_numpy(np.stack([render_scene(HELD_OUT + i, cls=c).labels
+                                        for i, c in enumerate(classes)]).astype(np.int64))  # (N, 64, 64)
     weights = torch.stack([
-        F.avg_pool2d(torch.from_numpy(class_mask(render_scene(HELD_OUT + i, cls=c).labels, c).astype(np.float32))
-                     [None, None], factor)[0, 0] for i, c in enumerate(classes)])  # (N, h, w) object fraction
+        F.avg_pool2d(torch.from_numpy(class_mask(labels[i].numpy(), c).astype(np.float32))[None, None], factor)[0, 0]
+        for i, c in enumerate(classes)])  # (N, h, w) object fraction
     latents = vae.encode(images).latent_dist.mean * vae.config.scaling_factor  # (N, 4, h, w)
     noise, preds = _caption_predictions(unet, text, tokenizer, latents, classes, pipe.scheduler, t, seed)
     errors = {name: ((pred - noise) ** 2).mean(1) for name, pred in preds.items()}  # (N, h, w) each
     result = {"scenes": scenes, "noise_seed": seed, "t": t, "object_area": float(weights.mean())}
     for region, w in (("all", torch.ones_like(weights)), ("object", weights), ("background", 1 - weights)):
-        loss = {k: float((e * w).sum() / w.sum()) for k, e in errors.items()}
-        result[region] = {**loss, "wrong_gap": loss["wrong"] / loss["right"] - 1,
-                          "empty_gap": loss["empty"] / loss["right"] - 1}
+        result[region] = _gaps(errors, w)
     extra = errors["empty"] - errors["right"]
     result["empty_extra_on_object"] = float((extra * weights).sum() / extra.sum())
     for c in CLASSES:
@@ -51,6 +62,38 @@ def region_gaps(pipe, scenes: int, seed: int, t: int = 500) -> dict:
         loss = {k: float(e[idx].mean()) for k, e in errors.items()}
         result[c] = {"wrong_gap": loss["wrong"] / loss["right"] - 1, "empty_gap": loss["empty"] / loss["right"] - 1,
                      "object_area": float(weights[idx].mean())}
+    # Which labels carry the right caption's loss, and where the caption helps.
+    total = float(errors["right"].sum())
+    result["by_label"] = {}
+    for name, label in LABEL_IDS.items():
+        w = F.avg_pool2d((labels == label).float()[:, None], factor)[:, 0]  # (N, h, w) label fraction
+        if float(w.sum()) > 0:
+            share = float((errors["right"] * w).sum()) / total
+            result["by_label"][name] = {"pixels": float(w.mean()), "loss_share": share, **_gaps(errors, w)}
+    # How much the class matters per scene: the nearest other class caption's loss over the right one's.
+    per_scene = {k: e.mean((1, 2)) for k, e in errors.items()}  # (N,) each
+    steps = torch.full((scenes,), t)
+    a = _alphas(pipe.scheduler)[t]
+    noisy = a.sqrt() * latents + (1 - a).sqrt() * noise  # (N, 4, h, w), as in _caption_predictions
+    others = []
+    for shift in range(1, len(CLASSES)):
+        captions = [template_caption(CLASSES[(CLASSES.index(c) + shift) % len(CLASSES)]) for c in classes]
+        states = text(_tokenize(tokenizer, captions))[0]
+        others.append(((unet(noisy, steps, encoder_hidden_states=states).sample - noise) ** 2).mean((1, 2, 3)))
+    margin = torch.stack(others).min(0).values / per_scene["right"] - 1  # (N,)
+    result["by_sensitivity"] = []
+    for q in torch.tensor_split(margin.argsort(), 4):
+        result["by_sensitivity"].append({
+            "margin": [float(margin[q].min()), float(margin[q].max())],
+            "empty_gap": float(per_scene["empty"][q].sum() / per_scene["right"][q].sum() - 1)})
+    # The same gaps at other timesteps (same noise draw).
+    result["by_timestep"] = {}
+    for step in timesteps:
+        noise_t, preds_t = _caption_predictions(unet, text, tokenizer, latents, classes, pipe.scheduler, step, seed)
+        errors_t = {name: ((pred - noise_t) ** 2).mean(1) for name, pred in preds_t.items()}
+        result["by_timestep"][str(step)] = {"alpha_bar": float(_alphas(pipe.scheduler)[step]),
+                                            "all": _gaps(errors_t, torch.ones_like(weights)),
+                                            "object": _gaps(errors_t, weights)}
     return result
 
 
@@ -70,6 +113,14 @@ def main() -> None:
         for region in ("all", "object", "background"):
             print(f"  {region:10s} wrong {r[region]['wrong_gap']:+.1%}  empty {r[region]['empty_gap']:+.1%}")
         print(f"  share of the empty caption's extra loss on object pixels: {r['empty_extra_on_object']:.0%}")
+        for name, g in r["by_label"].items():
+            print(f"  {name:14s} pixels {g['pixels']:.3f}  loss share {g['loss_share']:.3f}  "
+                  f"empty {g['empty_gap']:+.1%}")
+        for g in r["by_sensitivity"]:
+            print(f"  class matters {g['margin'][0]:+.3f}..{g['margin'][1]:+.3f}: empty {g['empty_gap']:+.1%}")
+        for step, g in r["by_timestep"].items():
+            print(f"  t={step} (alpha_bar {g['alpha_bar']:.3f}): all empty {g['all']['empty_gap']:+.1%} wrong "
+                  f"{g['all']['wrong_gap']:+.1%}; object empty {g['object']['empty_gap']:+.1%}")
     if args.out:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
         Path(args.out).write_text(json.dumps(results, indent=1))
