@@ -5,9 +5,8 @@ over whole latents (``opendaam.toyworld.train.caption_gap``, which this reproduc
 squared errors are also averaged over the pixels of the main object (its ground-truth mask pooled to the
 16 x 16 latent grid, as area weights) and over the rest, and per class: it shows where the caption's
 information goes. It also splits them by the Cityscapes label of the latent pixels (which parts of the scene
-the caption informs, and which carry the loss), by how much the class matters to each scene (the loss of
-the nearest other class caption over the right one's, in quartiles), and repeats the whole-image and object
-gaps at other timesteps.
+the caption informs, and which carry the loss), and repeats the whole-image and object gaps at other
+timesteps.
 
 Usage::
 
@@ -25,8 +24,8 @@ import torch
 import torch.nn.functional as F
 
 from opendaam.models import load_pipeline, set_threads
-from opendaam.toyworld.scene import CLASSES, LABEL_IDS, class_mask, render_scene, template_caption
-from opendaam.toyworld.train import HELD_OUT, _alphas, _caption_predictions, _tokenize, render_dataset
+from opendaam.toyworld.scene import CLASSES, LABEL_IDS, class_mask, render_scene
+from opendaam.toyworld.train import HELD_OUT, _alphas, _caption_predictions, render_dataset
 
 TIMESTEPS = (100, 300, 500, 700, 900)
 
@@ -70,22 +69,6 @@ def region_gaps(pipe, scenes: int, seed: int, t: int = 500, timesteps: tuple[int
         if float(w.sum()) > 0:
             share = float((errors["right"] * w).sum()) / total
             result["by_label"][name] = {"pixels": float(w.mean()), "loss_share": share, **_gaps(errors, w)}
-    # How much the class matters per scene: the nearest other class caption's loss over the right one's.
-    per_scene = {k: e.mean((1, 2)) for k, e in errors.items()}  # (N,) each
-    steps = torch.full((scenes,), t)
-    a = _alphas(pipe.scheduler)[t]
-    noisy = a.sqrt() * latents + (1 - a).sqrt() * noise  # (N, 4, h, w), as in _caption_predictions
-    others = []
-    for shift in range(1, len(CLASSES)):
-        captions = [template_caption(CLASSES[(CLASSES.index(c) + shift) % len(CLASSES)]) for c in classes]
-        states = text(_tokenize(tokenizer, captions))[0]
-        others.append(((unet(noisy, steps, encoder_hidden_states=states).sample - noise) ** 2).mean((1, 2, 3)))
-    margin = torch.stack(others).min(0).values / per_scene["right"] - 1  # (N,)
-    result["by_sensitivity"] = []
-    for q in torch.tensor_split(margin.argsort(), 4):
-        result["by_sensitivity"].append({
-            "margin": [float(margin[q].min()), float(margin[q].max())],
-            "empty_gap": float(per_scene["empty"][q].sum() / per_scene["right"][q].sum() - 1)})
     # The same gaps at other timesteps (same noise draw).
     result["by_timestep"] = {}
     for step in timesteps:
@@ -116,8 +99,6 @@ def main() -> None:
         for name, g in r["by_label"].items():
             print(f"  {name:14s} pixels {g['pixels']:.3f}  loss share {g['loss_share']:.3f}  "
                   f"empty {g['empty_gap']:+.1%}")
-        for g in r["by_sensitivity"]:
-            print(f"  class matters {g['margin'][0]:+.3f}..{g['margin'][1]:+.3f}: empty {g['empty_gap']:+.1%}")
         for step, g in r["by_timestep"].items():
             print(f"  t={step} (alpha_bar {g['alpha_bar']:.3f}): all empty {g['all']['empty_gap']:+.1%} wrong "
                   f"{g['all']['wrong_gap']:+.1%}; object empty {g['object']['empty_gap']:+.1%}")
