@@ -1,6 +1,7 @@
 """The command line on a tiny pipeline saved to a folder (the real from_pretrained path)."""
 
 import json
+import shutil
 
 import numpy as np
 import pytest
@@ -85,11 +86,14 @@ def test_optimize_then_generate_with_token(model_dir, tmp_path):
     token = load_token(token_path)
     assert token.meta["train_images"] == ["img0", "img1"] and len(token.meta["nearest_words"]) == 3
     out = tmp_path / "with-token"
-    assert main(["generate", "a red car", "--model", str(model_dir), "--steps", "2", "--words", "tree",
+    assert main(["generate", "a red car", "--model", str(model_dir), "--steps", "2", "--words", "tree", "car",
                  "--token", str(token_path), "--method", "linear", "--out", str(out)]) == 0
     summary = json.loads((out / "summary.json").read_text())
-    assert [w["word"] for w in summary["words"]] == ["tree", "car"]
-    assert np.load(out / "maps" / "car.npy").shape == (16, 16)
+    assert [(w["word"], w["file"], w["token_file"]) for w in summary["words"]] == [
+        ("tree", "tree", None), ("car", "car", None), ("car", "car_token", str(token_path))]
+    word, optimized = np.load(out / "maps" / "car.npy"), np.load(out / "maps" / "car_token.npy")
+    assert word.shape == optimized.shape == (16, 16) and not np.array_equal(word, optimized)
+    assert {p.name for p in (out / "overlays").iterdir()} >= {"car.png", "car_token.png"}
 
 
 def test_optimize_reports_missing_masks(model_dir, tmp_path, capsys):
@@ -130,6 +134,21 @@ def test_experiment_with_user_masks_then_evaluate(model_dir, tmp_path, capsys):
     assert (ev / "ablation.png").exists() and (ev / "ablation.csv").exists()
     # the same daam number as the experiment's own table (same test images, same thresholds)
     assert float(rows[1].split(",")[1]) == pytest.approx(summary["methods"]["daam"]["car"]["max_miou"], abs=0.05)
+    # open_vocab without --model: the pipeline comes from the records' own provenance
+    records, mask_dir = str(out / "data" / "records"), str(out / "data" / "masks")
+    assert main(["evaluate", "--records", records, "--masks", mask_dir, "--methods", "open_vocab", "--train", "1",
+                 "--out", str(tmp_path / "ov")]) == 0
+    assert (tmp_path / "ov" / "max_miou.csv").read_text().startswith("class,open_vocab,")
+    # two tokens for the same method and class are refused, naming both files
+    twice = tmp_path / "twice"
+    twice.mkdir()
+    for name in ("a", "b"):
+        shutil.copy(out / "tokens" / "car_linear_1.safetensors", twice / f"{name}.safetensors")
+    capsys.readouterr()
+    assert main(["evaluate", "--records", records, "--masks", mask_dir, "--methods", "linear_opt", "--tokens",
+                 str(twice), "--train", "1", "--out", str(tmp_path / "e2")]) == 2
+    err = capsys.readouterr().err
+    assert "two linear tokens for 'car'" in err and "a.safetensors" in err and "b.safetensors" in err
 
 
 def test_evaluate_class_without_test_images(model_dir, tmp_path, capsys):

@@ -206,6 +206,17 @@ def test_atomic_write_failure_keeps_old_file(tmp_path, monkeypatch, code, hint):
     assert path.read_bytes() == b"old" and os.listdir(tmp_path) == ["x.png"]
 
 
+def test_atomic_writes_get_the_permissions_of_a_plain_write(tmp_path):
+    from opendaam._io import atomic_write_with
+
+    plain = tmp_path / "plain.txt"
+    plain.write_text("x")  # what open() gives under this process's umask
+    atomic = atomic_write(tmp_path / "a.json", "x")
+    record = atomic_write_with(tmp_path / "r.safetensors", lambda p: p.write_bytes(b"x"))
+    modes = {p.name: p.stat().st_mode & 0o777 for p in (plain, atomic, record)}
+    assert modes == dict.fromkeys(modes, plain.stat().st_mode & 0o777), modes
+
+
 def test_npz_is_reproducible_and_loads_without_pickle():
     arrays = {"car": np.linspace(0, 1, 12, dtype=np.float16).reshape(3, 4), "traffic light": np.zeros((3, 4))}
     data = npz_bytes(arrays)

@@ -1,5 +1,8 @@
 """The procedural world and the toy-urban architecture (no training here)."""
 
+import subprocess
+import sys
+
 import numpy as np
 import pytest
 import torch
@@ -159,3 +162,11 @@ def test_bundled_annotator_labels_rendered_scenes():
     for scene, pred in zip(scenes, labels, strict=True):
         truth, guess = scene.mask(scene.cls), pred == LABEL_IDS[scene.cls]
         assert (truth & guess).sum() / (truth | guess).sum() > 0.6
+
+
+def test_subpackages_are_attributes_after_import_opendaam():
+    code = ("import sys, opendaam; assert 'opendaam.toyworld' not in sys.modules; "
+            "print(opendaam.toyworld.render_scene(3).cls, opendaam.metrics.iou_score.__name__); opendaam.nope")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert done.stdout.split() == [render_scene(3).cls, "iou_score"]
+    assert "AttributeError: module 'opendaam' has no attribute 'nope'" in done.stderr

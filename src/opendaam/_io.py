@@ -5,12 +5,42 @@ Base utility of opendaam: imports no other opendaam module, so every layer may u
 
 from __future__ import annotations
 
+import functools
 import os
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
-__all__ = ["atomic_write_with"]
+__all__ = ["atomic_write_with", "temp_beside"]
+
+
+@functools.cache
+def _file_mode() -> int:
+    """The permissions a plain ``open(path, "w")`` would give: 0o666 minus the process umask."""
+    mask = os.umask(0)
+    os.umask(mask)
+    return 0o666 & ~mask
+
+
+def temp_beside(path: str | Path, suffix: str = ".tmp") -> str:
+    """A new empty temporary file in ``path``'s folder, with the permissions a normally written file gets.
+
+    ``tempfile.mkstemp`` creates files readable by their owner only; renamed into place, they would make
+    datasets and records unreadable by other users of a shared machine.
+
+    Example:
+        >>> import tempfile
+        >>> tmp = temp_beside(Path(tempfile.mkdtemp()) / "a.txt")
+        >>> Path(tmp).name.startswith(".a.txt."), Path(tmp).stat().st_mode & 0o777 == _file_mode()
+        (True, True)
+    """
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=suffix)
+    try:
+        os.fchmod(fd, _file_mode())
+    finally:
+        os.close(fd)
+    return tmp
 
 
 def atomic_write_with(path: str | Path, write: Callable[[Path], None]) -> Path:
@@ -27,8 +57,7 @@ def atomic_write_with(path: str | Path, write: Callable[[Path], None]) -> Path:
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp" + path.suffix)
-    os.close(fd)
+    tmp = temp_beside(path, ".tmp" + path.suffix)
     try:
         write(Path(tmp))
         os.replace(tmp, path)

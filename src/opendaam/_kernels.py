@@ -27,6 +27,8 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
+from opendaam._io import temp_beside
+
 __all__ = ["Packed", "amx", "available", "int8_map", "int8_maps", "jac_grads", "pack", "pad16"]
 
 _FLAGS = ["-O3", "-march=native", "-fPIC", "-shared"]
@@ -75,8 +77,7 @@ def _compile(source: Path) -> Path | None:
         folder = Path(tempfile.gettempdir()) / "opendaam-kernels"
         folder.mkdir(parents=True, exist_ok=True)
         target = folder / target.name
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix=f".{target.name}.", suffix=".tmp")
-    os.close(fd)
+    tmp = temp_beside(target)
     try:
         done = subprocess.run([compiler, *_FLAGS, str(source), "-o", tmp], capture_output=True, text=True,
                               timeout=300)

@@ -15,8 +15,10 @@ def add_parser(sub) -> None:
     p.add_argument("--masks", required=True, help="folder of binary masks <id>.png")
     p.add_argument("--methods", nargs="+", default=["daam", "linear"],
                    help="daam, linear, open_vocab, daam_opt, linear_opt")
-    p.add_argument("--tokens", default=None, help="folder of optimized tokens (*.safetensors)")
-    p.add_argument("--model", default=None, help="pipeline, needed for open_vocab and daam_opt")
+    p.add_argument("--tokens", nargs="+", default=None,
+                   help="optimized tokens (*.safetensors files, or folders of them), one per method and class")
+    p.add_argument("--model", default=None,
+                   help="pipeline for open_vocab and daam_opt (default: the model the records name)")
     p.add_argument("--class", dest="cls", default=None, help="class of every record (default: record metadata)")
     p.add_argument("--train", type=int, default=0,
                    help="the first N images per class are training images: they make the class prior and are "
@@ -27,6 +29,35 @@ def add_parser(sub) -> None:
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--out", required=True)
     p.set_defaults(run=run)
+
+
+_NEEDS_MODEL = {"open_vocab", "daam_opt"}
+
+
+def _model(args, records: dict) -> str:
+    """``--model``, else the one model every record names; a clear error when neither exists."""
+    if args.model:
+        return args.model
+    names = {r.meta.get("model") for r in records.values()}
+    if len(names) == 1 and None not in names:
+        return names.pop()
+    needs = " ".join(m for m in args.methods if m in _NEEDS_MODEL)
+    raise ValueError(f"--methods {needs} need the pipeline the records were traced with, and the records name "
+                     f"{'no single model' if len(names) != 1 else 'none'}: add --model (a hub id, a folder, "
+                     "or toy-urban)")
+
+
+def _token_files(paths: list[str]) -> list[Path]:
+    """Token files from files and folders, in the given order (folders sorted)."""
+    files = []
+    for path in map(Path, paths):
+        if path.is_dir():
+            files += sorted(path.glob("*.safetensors"))
+        elif path.exists():
+            files.append(path)
+        else:
+            raise FileNotFoundError(f"no token file or folder {path}")
+    return files
 
 
 def run(args) -> int:
@@ -58,12 +89,15 @@ def run(args) -> int:
     empty = [c for c in classes if not any(i.cls == c for i in test)]
     if empty:
         raise ValueError(f"classes with no test images: {', '.join(empty)} (lower --train or add images)")
-    pipe = load_pipeline(args.model) if args.model else None
-    tokens = {}
-    if args.tokens:
-        for path in sorted(Path(args.tokens).glob("*.safetensors")):
-            token = load_token(path, pipe=pipe)
-            tokens[(token.meta.get("method", "linear"), token.label)] = token
+    pipe = load_pipeline(_model(args, records)) if args.model or _NEEDS_MODEL & set(args.methods) else None
+    tokens, sources = {}, {}
+    for path in _token_files(args.tokens or []):
+        token = load_token(path, pipe=pipe)
+        key = (token.meta.get("method", "linear"), token.label)
+        if key in sources:
+            raise ValueError(f"two {key[0]} tokens for {key[1]!r}: {sources[key]} and {path}; pass one file per "
+                             "method and class (e.g. --tokens DIR/*_2.safetensors for the 2-image tokens)")
+        tokens[key], sources[key] = token, path
     prior_items = {c: (train[c] or [i for i in items if i.cls == c]) for c in classes}
     priors = {c: torch.stack([read_mask(Path(i.mask), records[i.id].image_size).float() for i in v]).mean(0)
               for c, v in prior_items.items()}

@@ -91,14 +91,17 @@ def run(args) -> int:
     masks = maps.masks(args.tau)
     timings["heatmaps_s"] = time.perf_counter() - start
 
-    entries = []
+    entries, used = [], set()
     for i, word in enumerate(maps.labels):
-        name = safe_name(word)
+        token_file = args.token[i - len(words)] if i >= len(words) else None
+        name = safe_name(word) + ("_token" if token_file else "")  # a token for "car" beside the word "car"
+        name = next(n for n in [name, *(f"{name}_{k}" for k in range(2, len(maps.labels) + 2))] if n not in used)
+        used.add(name)
         np.save(out / "maps" / f"{name}.npy", soft[i].numpy().astype(np.float32))
         Image.fromarray(masks[i].numpy().astype(np.uint8) * 255).save(out / "masks" / f"{name}.png")
         maps.overlay(image, i).save(out / "overlays" / f"{name}.png")
         entries.append({
-            "word": word, "file": name, "token_indices": maps.token_indices[i],
+            "word": word, "file": name, "token_file": token_file, "token_indices": maps.token_indices[i],
             "min": float(soft[i].min()), "max": float(soft[i].max()), "mean": float(soft[i].mean()),
             "mask_fraction": float(masks[i].float().mean()),
         })

@@ -23,7 +23,7 @@ def add_parser(sub) -> None:
     p.add_argument("--train", type=int, default=None, help="use the first N records (sorted by id)")
     p.add_argument("--init", default=None, help="initial word (default: the class name)")
     p.add_argument("--model", default=None, help="pipeline (needed for open_vocab and unseen init words)")
-    p.add_argument("--loss", default=None, help="margin (default), ce (thesis eq. 3.10), bce, soft_iou")
+    p.add_argument("--loss", default=None, help="bce (default), ce (thesis eq. 3.10), soft_iou, margin")
     p.add_argument("--lr", type=float, default=None)
     p.add_argument("--epochs", type=int, default=None)
     p.add_argument("--explain", type=int, default=0, help="print the N vocabulary words nearest the token")

@@ -13,12 +13,13 @@ import errno
 import io
 import json
 import os
-import tempfile
 import zipfile
 from pathlib import Path
 
 import numpy as np
 from PIL import Image
+
+from opendaam._io import temp_beside
 
 __all__ = [
     "DatasetError",
@@ -69,8 +70,8 @@ def atomic_write(path: str | Path, data: bytes | str) -> Path:
     tmp = None
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-        with os.fdopen(fd, "wb") as handle:
+        tmp = temp_beside(path)
+        with open(tmp, "wb") as handle:
             handle.write(payload)
         os.replace(tmp, path)
     except OSError as error:

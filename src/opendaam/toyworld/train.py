@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -18,6 +17,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from opendaam._io import temp_beside
 from opendaam.toyworld.model import ToyConfig, build_toy_pipeline, toy_components
 from opendaam.toyworld.scene import CLASSES, render_scene, template_caption
 
@@ -55,8 +55,7 @@ class TrainConfig:
 
 def _atomic_save(obj, path: Path) -> None:
     """``torch.save`` to a temporary file, then rename it into place."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
+    tmp = temp_beside(path)
     try:
         torch.save(obj, tmp)
         os.replace(tmp, path)
