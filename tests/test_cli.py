@@ -149,6 +149,13 @@ def test_experiment_with_user_masks_then_evaluate(model_dir, tmp_path, capsys):
                  str(twice), "--train", "1", "--out", str(tmp_path / "e2")]) == 2
     err = capsys.readouterr().err
     assert "two linear tokens for 'car'" in err and "a.safetensors" in err and "b.safetensors" in err
+    # --pool leaves more images out than the prior uses (the experiment's tables: --train 2 --pool 5)
+    assert main(["evaluate", "--records", records, "--masks", mask_dir, "--train", "1", "--pool", "2",
+                 "--out", str(tmp_path / "pool")]) == 0
+    assert json.loads((tmp_path / "pool" / "summary.json").read_text())["test_ids"] == ["car_2"]
+    assert main(["evaluate", "--records", records, "--masks", mask_dir, "--train", "1", "--pool", "0",
+                 "--out", str(tmp_path / "pool0")]) == 2
+    assert "--pool 0 is smaller than --train 1" in capsys.readouterr().err
 
 
 def test_evaluate_class_without_test_images(model_dir, tmp_path, capsys):

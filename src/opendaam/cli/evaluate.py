@@ -23,6 +23,9 @@ def add_parser(sub) -> None:
     p.add_argument("--train", type=int, default=0,
                    help="the first N images per class are training images: they make the class prior and are "
                         "left out of the evaluation (0: the prior is in-sample)")
+    p.add_argument("--pool", type=int, default=None,
+                   help="leave the first N images per class out of the evaluation (default: --train); the thesis "
+                        "experiment's tables use --train 2 --pool 5, its training pool")
     p.add_argument("--tau-step", type=float, default=0.05)
     p.add_argument("--per-layer", action="store_true", help="with --per-step: the block x step mIoU matrix")
     p.add_argument("--per-step", action="store_true", help="with --per-layer: the block x step mIoU matrix")
@@ -84,11 +87,15 @@ def run(args) -> int:
         items.append(Item(id=rid, cls=cls, prompt=record.meta.get("prompt") or "", seed=record.meta.get("seed", 0),
                           record=str(rpath.resolve()), mask=str(mpath.resolve()), image=""))
     classes = sorted({i.cls for i in items})
+    pool = args.train if args.pool is None else args.pool
+    if pool < args.train:
+        raise ValueError(f"--pool {pool} is smaller than --train {args.train}: training images would be tested")
     train = {c: [i for i in items if i.cls == c][: args.train] for c in classes}
-    test = [i for i in items if i not in {t for ts in train.values() for t in ts}]
+    held = {i.id for c in classes for i in [i for i in items if i.cls == c][:pool]}
+    test = [i for i in items if i.id not in held]
     empty = [c for c in classes if not any(i.cls == c for i in test)]
     if empty:
-        raise ValueError(f"classes with no test images: {', '.join(empty)} (lower --train or add images)")
+        raise ValueError(f"classes with no test images: {', '.join(empty)} (lower --train or --pool, or add images)")
     pipe = load_pipeline(_model(args, records)) if args.model or _NEEDS_MODEL & set(args.methods) else None
     tokens, sources = {}, {}
     for path in _token_files(args.tokens or []):
