@@ -1,5 +1,9 @@
 """Tracing: identical images, restored processors, per-image records, shapes from the config."""
 
+import os
+import subprocess
+import sys
+
 import numpy as np
 import pytest
 import torch
@@ -184,3 +188,17 @@ def test_one_trace_for_a_loop_equals_one_trace_per_call(tiny_pipe):
     for a, b in zip(separate, looped, strict=True):
         assert a.tokens == b.tokens
         assert all(torch.equal(a.daam[n], b.daam[n]) for n in a.daam)
+
+
+def test_no_torchvision_fallback_notice_after_import_opendaam():
+    import importlib.util
+
+    if importlib.util.find_spec("torchvision") is not None:
+        pytest.skip("with torchvision installed transformers prints no fallback notice")
+    touch = "import transformers; transformers.CLIPImageProcessor"
+    env = {**os.environ, "TRANSFORMERS_VERBOSITY": "warning"}  # conftest silences transformers for the suite
+    runs = {name: subprocess.run([sys.executable, "-c", prefix + touch], capture_output=True, text=True,
+                                 timeout=120, env=env)
+            for name, prefix in (("plain", ""), ("opendaam", "import opendaam; "))}
+    assert "requires torchvision (not installed)" in runs["plain"].stderr  # the control: the notice exists
+    assert runs["opendaam"].returncode == 0 and "torchvision" not in runs["opendaam"].stderr

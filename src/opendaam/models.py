@@ -5,6 +5,7 @@ First layer of opendaam: nothing here imports another opendaam module.
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -24,6 +25,20 @@ __all__ = [
     "make_scheduler",
     "set_threads",
 ]
+
+class _QuietImageProcessorFallback(logging.Filter):
+    """Drops transformers' notice that an image processor falls back to PIL without torchvision.
+
+    diffusers' pipeline classes name CLIP/SigLIP image processors, which opendaam never runs; the notice (three
+    lines on every command) is about a dependency we deliberately do not install.
+    """
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        """False for the fallback notice, True for everything else."""
+        return "requires torchvision (not installed); falling back to" not in record.getMessage()
+
+
+logging.getLogger("transformers.utils.import_utils").addFilter(_QuietImageProcessorFallback())
 
 ASSETS = Path(__file__).resolve().parent / "assets"
 TOKENIZER_DIR = ASSETS / "clip_tokenizer"
