@@ -57,10 +57,10 @@ def region_gaps(pipe, scenes: int, seed: int, t: int = 500, timesteps: tuple[int
     extra = errors["empty"] - errors["right"]
     result["empty_extra_on_object"] = float((extra * weights).sum() / extra.sum())
     for c in CLASSES:
-        idx = [i for i, k in enumerate(classes) if k == c]
-        loss = {k: float(e[idx].mean()) for k, e in errors.items()}
-        result[c] = {"wrong_gap": loss["wrong"] / loss["right"] - 1, "empty_gap": loss["empty"] / loss["right"] - 1,
-                     "object_area": float(weights[idx].mean())}
+        scenes_of_c = torch.tensor([k == c for k in classes])[:, None, None].expand_as(weights).float()  # (N, h, w)
+        gaps = _gaps(errors, scenes_of_c)
+        result[c] = {"wrong_gap": gaps["wrong_gap"], "empty_gap": gaps["empty_gap"],
+                     "object_area": float((weights * scenes_of_c).sum() / scenes_of_c.sum())}
     # Which labels carry the right caption's loss, and where the caption helps.
     total = float(errors["right"].sum())
     result["by_label"] = {}
@@ -72,8 +72,12 @@ def region_gaps(pipe, scenes: int, seed: int, t: int = 500, timesteps: tuple[int
     # The same gaps at other timesteps (same noise draw).
     result["by_timestep"] = {}
     for step in timesteps:
-        noise_t, preds_t = _caption_predictions(unet, text, tokenizer, latents, classes, pipe.scheduler, step, seed)
-        errors_t = {name: ((pred - noise_t) ** 2).mean(1) for name, pred in preds_t.items()}
+        if step == t:
+            errors_t = errors
+        else:
+            noise_t, preds_t = _caption_predictions(unet, text, tokenizer, latents, classes, pipe.scheduler, step,
+                                                    seed)
+            errors_t = {name: ((pred - noise_t) ** 2).mean(1) for name, pred in preds_t.items()}
         result["by_timestep"][str(step)] = {"alpha_bar": float(_alphas(pipe.scheduler)[step]),
                                             "all": _gaps(errors_t, torch.ones_like(weights)),
                                             "object": _gaps(errors_t, weights)}

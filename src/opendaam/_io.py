@@ -43,11 +43,12 @@ def temp_beside(path: str | Path, suffix: str = ".tmp") -> str:
     return tmp
 
 
-def atomic_write_with(path: str | Path, write: Callable[[Path], None]) -> Path:
+def atomic_write_with(path: str | Path, write: Callable[[Path], None], suffix: str | None = None) -> Path:
     """Call ``write(tmp)`` on a temporary file in ``path``'s folder, then rename it to ``path``.
 
     A crash (or ``kill -9``) leaves either the old file or the whole new one; the temporary file is removed
-    when ``write`` fails.
+    when ``write`` fails. The temporary file ends in ``suffix``, by default ``.tmp`` plus ``path``'s own suffix
+    (for writers that choose the format by extension).
 
     Example:
         >>> import tempfile
@@ -57,7 +58,7 @@ def atomic_write_with(path: str | Path, write: Callable[[Path], None]) -> Path:
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = temp_beside(path, ".tmp" + path.suffix)
+    tmp = temp_beside(path, ".tmp" + path.suffix if suffix is None else suffix)
     try:
         write(Path(tmp))
         os.replace(tmp, path)

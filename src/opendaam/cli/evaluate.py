@@ -87,11 +87,12 @@ def run(args) -> int:
         items.append(Item(id=rid, cls=cls, prompt=record.meta.get("prompt") or "", seed=record.meta.get("seed", 0),
                           record=str(rpath.resolve()), mask=str(mpath.resolve()), image=""))
     classes = sorted({i.cls for i in items})
+    by_class = {c: [i for i in items if i.cls == c] for c in classes}
     pool = args.train if args.pool is None else args.pool
     if pool < args.train:
         raise ValueError(f"--pool {pool} is smaller than --train {args.train}: training images would be tested")
-    train = {c: [i for i in items if i.cls == c][: args.train] for c in classes}
-    held = {i.id for c in classes for i in [i for i in items if i.cls == c][:pool]}
+    train = {c: by_class[c][: args.train] for c in classes}
+    held = {i.id for c in classes for i in by_class[c][:pool]}
     test = [i for i in items if i.id not in held]
     empty = [c for c in classes if not any(i.cls == c for i in test)]
     if empty:
@@ -105,7 +106,7 @@ def run(args) -> int:
             raise ValueError(f"two {key[0]} tokens for {key[1]!r}: {sources[key]} and {path}; pass one file per "
                              "method and class (e.g. --tokens DIR/*_2.safetensors for the 2-image tokens)")
         tokens[key], sources[key] = token, path
-    prior_items = {c: (train[c] or [i for i in items if i.cls == c]) for c in classes}
+    prior_items = {c: (train[c] or by_class[c]) for c in classes}
     priors = {c: torch.stack([read_mask(Path(i.mask), records[i.id].image_size).float() for i in v]).mean(0)
               for c, v in prior_items.items()}
     taus = default_thresholds(args.tau_step)

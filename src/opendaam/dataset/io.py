@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from opendaam._io import temp_beside
+from opendaam._io import atomic_write_with
 
 __all__ = [
     "DatasetError",
@@ -67,22 +67,10 @@ def atomic_write(path: str | Path, data: bytes | str) -> Path:
     """
     path = Path(path)
     payload = data.encode() if isinstance(data, str) else data
-    tmp = None
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = temp_beside(path)
-        with open(tmp, "wb") as handle:
-            handle.write(payload)
-        os.replace(tmp, path)
+    try:  # ".tmp" at the end, so that remove_temp_files finds what a killed writer left
+        return atomic_write_with(path, lambda tmp: tmp.write_bytes(payload), suffix=".tmp")
     except OSError as error:
-        if tmp is not None:
-            Path(tmp).unlink(missing_ok=True)
         raise _explain(path, error) from error
-    except BaseException:
-        if tmp is not None:
-            Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
 
 
 def append_line(path: str | Path, record: dict) -> None:

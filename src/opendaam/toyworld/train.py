@@ -17,7 +17,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from opendaam._io import temp_beside
+from opendaam._io import atomic_write_with
 from opendaam.toyworld.model import ToyConfig, build_toy_pipeline, toy_components
 from opendaam.toyworld.scene import CLASSES, render_scene, template_caption
 
@@ -55,13 +55,7 @@ class TrainConfig:
 
 def _atomic_save(obj, path: Path) -> None:
     """``torch.save`` to a temporary file, then rename it into place."""
-    tmp = temp_beside(path)
-    try:
-        torch.save(obj, tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    atomic_write_with(path, lambda tmp: torch.save(obj, tmp))
 
 
 def _load(path: Path):
