@@ -217,6 +217,17 @@ def test_atomic_writes_get_the_permissions_of_a_plain_write(tmp_path):
     assert modes == dict.fromkeys(modes, plain.stat().st_mode & 0o777), modes
 
 
+def test_atomic_write_temp_files_are_the_ones_remove_temp_files_clears(tmp_path, monkeypatch):
+    from opendaam.dataset.io import remove_temp_files
+
+    seen, replace = [], os.replace
+    monkeypatch.setattr(os, "replace", lambda src, dst: seen.append(Path(src)) or replace(src, dst))
+    atomic_write(tmp_path / "x.png", b"png")
+    (tmp := seen[0]).write_bytes(b"left by a killed writer")  # recreate what kill -9 would leave
+    assert tmp.parent == tmp_path and tmp.name.startswith(".x.png.")
+    assert remove_temp_files(tmp_path) == 1 and os.listdir(tmp_path) == ["x.png"]
+
+
 def test_npz_is_reproducible_and_loads_without_pickle():
     arrays = {"car": np.linspace(0, 1, 12, dtype=np.float16).reshape(3, 4), "traffic light": np.zeros((3, 4))}
     data = npz_bytes(arrays)
