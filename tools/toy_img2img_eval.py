@@ -3,7 +3,8 @@
 Redraws 32 held-out rendered scenes (8 per class, seeds 1,000,500+) with toy-urban at several strengths (20
 PNDM steps, guidance 5, the template caption), labels the redrawn images with the bundled segmentation net,
 and prints the agreement with the rendered label maps: IoU of the main object's class per class, mIoU over
-the 12 world classes, pixel accuracy.
+the classes the rendered scenes contain (the look-alikes are not among them), pixel accuracy, and the share
+of pixels labelled with a class the scenes do not contain.
 
 Usage::
 
@@ -51,11 +52,14 @@ def main() -> None:
                       num_inference_steps=20, guidance_scale=5.0, generator=torch.Generator().manual_seed(0)).images
         pred = annotate(images, net)
         pooled = {n: float(iou_score(_stats(pred, truth, n).sum(0))) for n in SEG_LABELS}  # over all images
-        per_class = {n: round(v, 3) for n, v in pooled.items() if not np.isnan(v)}
+        present = [n for n in SEG_LABELS if (truth == LABEL_IDS[n]).any()]  # mIoU over the classes drawn
+        per_class = {n: round(pooled[n], 3) for n in present}
+        absent = np.isin(pred, [LABEL_IDS[n] for n in SEG_LABELS if n not in present])  # (n, 64, 64)
         chosen = {c: [i for i in range(args.scenes) if classes[i] == c] for c in CLASSES}
         objects = {c: round(float(iou_score(_stats(pred, truth, c)[chosen[c]]).mean()), 3) for c in CLASSES}
         result[str(strength)] = {"mIoU": round(float(np.mean(list(per_class.values()))), 3), "object_iou": objects,
-                                 "per_class": per_class, "pixel_acc": round(float((pred == truth).mean()), 3)}
+                                 "per_class": per_class, "pixel_acc": round(float((pred == truth).mean()), 3),
+                                 "absent_class_pixels": round(float(absent.mean()), 4)}
         print(strength, result[str(strength)], flush=True)
     if args.out:
         args.out.write_text(json.dumps(result, indent=1) + "\n")

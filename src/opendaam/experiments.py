@@ -78,7 +78,7 @@ class ToyWorldAnnotator:
 
     Args:
         strength: img2img strength; 0.5 keeps the scene's layout (so its labels stay exact: the annotator net
-            scores 0.72-0.89 IoU on the outputs against the rendered masks, TRAINING.md) while the model
+            scores 0.71-0.92 IoU on the outputs against the rendered masks, TRAINING.md) while the model
             redraws the image from its own prior.
     """
 

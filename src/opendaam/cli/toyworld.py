@@ -33,6 +33,8 @@ def add_parser(sub) -> None:
     t.add_argument("--scenes", type=int, default=None)
     t.add_argument("--decay-start", type=int, default=None,
                    help="U-Net step from which the learning rates fall linearly to 0 at --unet-steps")
+    t.add_argument("--lookalike-share", type=float, default=None,
+                   help="share of scenes whose main object is a bus, truck or traffic sign (default 0.3)")
     t.add_argument("--minutes", type=float, default=None,
                    help="pause after this many minutes (checkpointed); rerun the same command to resume")
     t.set_defaults(run=run_train)
@@ -81,12 +83,17 @@ def run_train(args) -> int:
     """
     from dataclasses import replace
 
+    from opendaam.toyworld.scene import WorldConfig
     from opendaam.toyworld.train import TrainConfig, train
 
     overrides = {k: v for k, v in dict(unet_steps=args.unet_steps, vae_steps=args.vae_steps, scenes=args.scenes,
                                        decay_start=getattr(args, "decay_start", None)).items() if v is not None}
+    share = getattr(args, "lookalike_share", None)
+    if share is not None and not 0.0 <= share <= 1.0:
+        raise SystemExit(f"--lookalike-share must be between 0 and 1, got {share}")
+    world = WorldConfig() if share is None else WorldConfig(lookalike_share=share)
     final = train(args.out, replace(TrainConfig(), **overrides), threads=args.threads,
-                  minutes=getattr(args, "minutes", None))
+                  minutes=getattr(args, "minutes", None), world=world)
     print(f"saved the pipeline to {final}" if final else f"paused; rerun the same command to resume ({args.out})")
     return 0
 

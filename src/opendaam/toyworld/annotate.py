@@ -42,9 +42,10 @@ ANNOTATOR_DIR = Path(__file__).resolve().parent.parent / "assets" / "toy-urban-a
 
 SEG_LABELS: tuple[str, ...] = (
     "road", "sidewalk", "building", "pole", "traffic light", "vegetation", "sky", "person", "rider", "car",
-    "motorcycle", "bicycle",
+    "motorcycle", "bicycle", "traffic sign", "truck", "bus",
 )
-"""The classes the world draws, in the order of the net's output channels."""
+"""The classes the world draws, in the order of the net's output channels (a net trained before the
+look-alike classes existed has only the first 12)."""
 
 _ID_LUT = np.zeros(256, dtype=np.int64)  # Cityscapes id -> channel index
 for _i, _name in enumerate(SEG_LABELS):
@@ -61,7 +62,7 @@ class SegNet(nn.Module):
     Example:
         >>> net = SegNet()
         >>> tuple(net(torch.zeros(1, 3, 64, 64)).shape)
-        (1, 12, 64, 64)
+        (1, 15, 64, 64)
     """
 
     def __init__(self, width: int = 16, classes: int = len(SEG_LABELS)):

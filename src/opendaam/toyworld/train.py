@@ -19,7 +19,7 @@ import torch.nn.functional as F
 
 from opendaam._io import atomic_write_with
 from opendaam.toyworld.model import ToyConfig, build_toy_pipeline, toy_components
-from opendaam.toyworld.scene import CLASSES, render_scene, template_caption
+from opendaam.toyworld.scene import CLASSES, WorldConfig, render_scene, template_caption
 
 __all__ = ["HELD_OUT", "TrainConfig", "caption_gap", "export_pipeline", "render_dataset", "train"]
 
@@ -63,7 +63,8 @@ def _load(path: Path):
     return torch.load(path, weights_only=True)
 
 
-def render_dataset(seeds, forced: list[str] | None = None) -> tuple[torch.Tensor, list[str], list[str]]:
+def render_dataset(seeds, forced: list[str] | None = None,
+                   world: WorldConfig | None = None) -> tuple[torch.Tensor, list[str], list[str]]:
     """Images in [-1, 1] ``(N, 3, 64, 64)``, captions and classes of the scenes of ``seeds``.
 
     Example:
@@ -73,7 +74,7 @@ def render_dataset(seeds, forced: list[str] | None = None) -> tuple[torch.Tensor
     """
     images, captions, classes = [], [], []
     for i, seed in enumerate(seeds):
-        scene = render_scene(int(seed), cls=forced[i] if forced else None)
+        scene = render_scene(int(seed), world, cls=forced[i] if forced else None)
         images.append(np.asarray(scene.image))
         captions.append(scene.caption)
         classes.append(scene.cls)
@@ -157,7 +158,7 @@ def caption_gap(unet, text_encoder, tokenizer, vae_latents: torch.Tensor, classe
 
 
 def train(out: str | Path, config: TrainConfig | None = None, model: ToyConfig | None = None,
-          threads: int = 1, minutes: float | None = None) -> Path | None:
+          threads: int = 1, minutes: float | None = None, world: WorldConfig | None = None) -> Path | None:
     """Train (or resume training) toy-urban into ``out``; returns the folder of the saved pipeline.
 
     Phases: render the training scenes, train the autoencoder and encode every scene once
@@ -173,6 +174,7 @@ def train(out: str | Path, config: TrainConfig | None = None, model: ToyConfig |
         threads: torch intra-op threads, set explicitly (1 beside another job on 2 cores).
         minutes: pause (after writing a checkpoint) once this many minutes have passed; ``None`` runs
             to the end.
+        world: the scenes' world; :class:`~opendaam.toyworld.scene.WorldConfig` defaults if omitted.
 
     Returns:
         The pipeline folder, or ``None`` if the run paused before its last step.
@@ -182,6 +184,7 @@ def train(out: str | Path, config: TrainConfig | None = None, model: ToyConfig |
     """
     cfg = config or TrainConfig()
     model = model or ToyConfig()
+    world = world or WorldConfig()
     torch.set_num_threads(threads)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
@@ -206,7 +209,7 @@ def train(out: str | Path, config: TrainConfig | None = None, model: ToyConfig |
         latents, ids = state["latents"], state["ids"]
         scaling = float(state["scaling"])
     else:
-        images, captions, _ = render_dataset(range(cfg.scenes))
+        images, captions, _ = render_dataset(range(cfg.scenes), world=world)
         log({"phase": "data", "scenes": cfg.scenes})
         _train_vae(vae, images, cfg, log)
         with torch.no_grad():
@@ -220,7 +223,7 @@ def train(out: str | Path, config: TrainConfig | None = None, model: ToyConfig |
 
     # 2. held-out scenes for the caption gap
     held_classes = [CLASSES[i % len(CLASSES)] for i in range(cfg.eval_scenes)]
-    held_images, _, _ = render_dataset([HELD_OUT + i for i in range(cfg.eval_scenes)], held_classes)
+    held_images, _, _ = render_dataset([HELD_OUT + i for i in range(cfg.eval_scenes)], held_classes, world)
     with torch.no_grad():
         held = vae.encode(held_images).latent_dist.mean * scaling
 
@@ -287,11 +290,11 @@ def train(out: str | Path, config: TrainConfig | None = None, model: ToyConfig |
     pipe = build_toy_pipeline(parts)
     final = out / "pipeline"
     pipe.save_pretrained(final)
-    defaults = {"num_inference_steps": 30, "guidance_scale": 5.0, "height": model.image_size,
+    defaults = {"num_inference_steps": 20, "guidance_scale": 5.0, "height": model.image_size,
                 "width": model.image_size}
     (final / "opendaam.json").write_text(json.dumps(defaults, indent=1))
     (out / "train_config.json").write_text(json.dumps({"train": asdict(cfg), "model": asdict(model),
-                                                       "threads": threads}, indent=1))
+                                                       "world": asdict(world), "threads": threads}, indent=1))
     log({"phase": "done", "steps": step, "minutes": round((time.perf_counter() - started) / 60, 1),
          "unet_params": sum(p.numel() for p in unet.parameters()), "scaling_factor": scaling})
     return final
@@ -299,6 +302,8 @@ def train(out: str | Path, config: TrainConfig | None = None, model: ToyConfig |
 
 def export_pipeline(source: str | Path, dest: str | Path) -> Path:
     """Copy a trained pipeline folder to ``dest`` with the U-Net and VAE in fp16 (safetensors, one copy).
+
+    Markdown files already in ``dest`` (its TRAINING.md) are kept; ``model_index.json`` names the folder.
 
     The text encoder stays fp32: transformers loads a checkpoint in its stored dtype, and an fp16 text
     encoder would hand fp16 states to the fp32 U-Net that diffusers makes from fp16 weights.
@@ -320,6 +325,10 @@ def export_pipeline(source: str | Path, dest: str | Path) -> Path:
     for extra in source.glob("*.json"):
         if extra.name != "model_index.json":
             shutil.copy(extra, tmp / extra.name)
+    for doc in dest.glob("*.md"):  # the folder's own documentation (TRAINING.md) stays
+        shutil.copy(doc, tmp / doc.name)
+    index = json.loads((tmp / "model_index.json").read_text())
+    (tmp / "model_index.json").write_text(json.dumps({**index, "_name_or_path": dest.name}, indent=2) + "\n")
     shutil.rmtree(dest, ignore_errors=True)
     os.replace(tmp, dest)
     return dest
