@@ -5,8 +5,8 @@ over whole latents (``opendaam.toyworld.train.caption_gap``, which this reproduc
 squared errors are also averaged over the pixels of the main object (its ground-truth mask pooled to the
 16 x 16 latent grid, as area weights) and over the rest, and per class: it shows where the caption's
 information goes. It also splits them by the Cityscapes label of the latent pixels (which parts of the scene
-the caption informs, and which carry the loss), and repeats the whole-image and object gaps at other
-timesteps.
+the caption informs, and which carry the loss), repeats the whole-image and object gaps at other
+timesteps, and reports the diffusion-classifier accuracy (the class caption with the lowest loss).
 
 Usage::
 
@@ -24,8 +24,8 @@ import torch
 import torch.nn.functional as F
 
 from opendaam.models import load_pipeline, set_threads
-from opendaam.toyworld.scene import CLASSES, LABEL_IDS, class_mask, render_scene
-from opendaam.toyworld.train import HELD_OUT, _alphas, _caption_predictions, render_dataset
+from opendaam.toyworld.scene import CLASSES, LABEL_IDS, LOOKALIKE_CLASSES, class_mask, render_scene, template_caption
+from opendaam.toyworld.train import HELD_OUT, _alphas, _caption_predictions, _tokenize, render_dataset
 
 TIMESTEPS = (100, 300, 500, 700, 900)
 
@@ -34,6 +34,26 @@ def _gaps(errors: dict[str, torch.Tensor], w: torch.Tensor) -> dict:
     """Area-weighted right / wrong / empty losses over ``w`` and the two relative gaps."""
     loss = {k: float((e * w).sum() / w.sum()) for k, e in errors.items()}
     return {**loss, "wrong_gap": loss["wrong"] / loss["right"] - 1, "empty_gap": loss["empty"] / loss["right"] - 1}
+
+
+@torch.no_grad()
+def classifier(unet, text, tokenizer, latents: torch.Tensor, classes: list[str], scheduler, t: int,
+               seed: int) -> dict:
+    """Diffusion-classifier accuracy: the caption (of the thesis classes, or of all seven) with the lowest loss."""
+    names = list(CLASSES + LOOKALIKE_CLASSES)
+    noise = torch.randn(latents.shape, generator=torch.Generator().manual_seed(seed))  # as _caption_predictions
+    a = _alphas(scheduler)[t]
+    noisy = a.sqrt() * latents + (1 - a).sqrt() * noise
+    steps = torch.full((len(classes),), t)
+    losses = torch.stack([((unet(noisy, steps, encoder_hidden_states=text(
+        _tokenize(tokenizer, [template_caption(c)] * len(classes)))[0]).sample - noise) ** 2).mean((1, 2, 3))
+        for c in names], 1)  # (N, 7)
+    truth = torch.tensor([names.index(c) for c in classes])
+    picked = losses.argmin(1)
+    return {"accuracy_thesis_captions": float((losses[:, :len(CLASSES)].argmin(1) == truth).float().mean()),
+            "accuracy_all_captions": float((picked == truth).float().mean()),
+            "picked": {c: {n: int((picked[truth == k] == j).sum()) for j, n in enumerate(names)}
+                       for k, c in enumerate(CLASSES)}}
 
 
 @torch.no_grad()
@@ -81,6 +101,7 @@ def region_gaps(pipe, scenes: int, seed: int, t: int = 500, timesteps: tuple[int
         result["by_timestep"][str(step)] = {"alpha_bar": float(_alphas(pipe.scheduler)[step]),
                                             "all": _gaps(errors_t, torch.ones_like(weights)),
                                             "object": _gaps(errors_t, weights)}
+    result["classifier"] = classifier(unet, text, tokenizer, latents, classes, pipe.scheduler, t, seed)
     return result
 
 
@@ -106,6 +127,9 @@ def main() -> None:
         for step, g in r["by_timestep"].items():
             print(f"  t={step} (alpha_bar {g['alpha_bar']:.3f}): all empty {g['all']['empty_gap']:+.1%} wrong "
                   f"{g['all']['wrong_gap']:+.1%}; object empty {g['object']['empty_gap']:+.1%}")
+        c = r["classifier"]
+        print(f"  diffusion classifier at t={r['t']}: {c['accuracy_thesis_captions']:.3f} over the thesis captions, "
+              f"{c['accuracy_all_captions']:.3f} over all seven")
     if args.out:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
         Path(args.out).write_text(json.dumps(results, indent=1))

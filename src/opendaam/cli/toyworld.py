@@ -63,7 +63,10 @@ def run_render(args) -> int:
     out.mkdir(parents=True, exist_ok=True)
     captions = {}
     for seed in args.seed:
-        scene = render_scene(seed, cls=args.cls)
+        try:
+            scene = render_scene(seed, cls=args.cls)
+        except ValueError as err:
+            raise SystemExit(f"--class: {err}") from None
         scene.pil().save(out / f"{seed}.png")
         Image.fromarray(scene.labels).save(out / f"{seed}_labels.png")
         Image.fromarray(colorize_labels(scene.labels)).save(out / f"{seed}_color.png")
@@ -89,9 +92,10 @@ def run_train(args) -> int:
     overrides = {k: v for k, v in dict(unet_steps=args.unet_steps, vae_steps=args.vae_steps, scenes=args.scenes,
                                        decay_start=getattr(args, "decay_start", None)).items() if v is not None}
     share = getattr(args, "lookalike_share", None)
-    if share is not None and not 0.0 <= share <= 1.0:
-        raise SystemExit(f"--lookalike-share must be between 0 and 1, got {share}")
-    world = WorldConfig() if share is None else WorldConfig(lookalike_share=share)
+    try:
+        world = WorldConfig() if share is None else WorldConfig(lookalike_share=share)
+    except ValueError as err:
+        raise SystemExit(f"--lookalike-share: {err}") from None
     final = train(args.out, replace(TrainConfig(), **overrides), threads=args.threads,
                   minutes=getattr(args, "minutes", None), world=world)
     print(f"saved the pipeline to {final}" if final else f"paused; rerun the same command to resume ({args.out})")

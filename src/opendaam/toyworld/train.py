@@ -150,6 +150,10 @@ def caption_gap(unet, text_encoder, tokenizer, vae_latents: torch.Tensor, classe
         >>> sorted(gap)
         ['empty', 'empty_gap', 'right', 'wrong', 'wrong_gap']
     """
+    others = sorted(set(classes) - set(CLASSES))
+    if others:
+        raise ValueError(f"caption_gap measures the thesis classes {list(CLASSES)} (the wrong caption is the next "
+                         f"one of them); got {others}")
     noise, preds = _caption_predictions(unet, text_encoder, tokenizer, vae_latents, classes, scheduler, t, seed)
     losses = {name: float(F.mse_loss(pred, noise)) for name, pred in preds.items()}
     losses["wrong_gap"] = losses["wrong"] / losses["right"] - 1
@@ -203,8 +207,12 @@ def train(out: str | Path, config: TrainConfig | None = None, model: ToyConfig |
 
     # 1. the autoencoder, and the training set encoded once
     vae_ckpt = out / "vae.pt"
+    world_json = json.dumps(asdict(world), sort_keys=True)
     if vae_ckpt.exists():
         state = _load(vae_ckpt)
+        if "world" in state and state["world"] != world_json:
+            raise ValueError(f"{out} holds a run on another world ({state['world']}); resume it with the same "
+                             f"world settings or train into a new --out (asked for {world_json})")
         vae.load_state_dict(state["vae"])
         latents, ids = state["latents"], state["ids"]
         scaling = float(state["scaling"])
@@ -217,7 +225,8 @@ def train(out: str | Path, config: TrainConfig | None = None, model: ToyConfig |
         scaling = float(1.0 / means.std())
         latents = means * scaling  # (N, 4, 16, 16)
         ids = _tokenize(tokenizer, captions)  # (N, 77)
-        _atomic_save({"vae": vae.state_dict(), "latents": latents, "ids": ids, "scaling": scaling}, vae_ckpt)
+        _atomic_save({"vae": vae.state_dict(), "latents": latents, "ids": ids, "scaling": scaling,
+                      "world": world_json}, vae_ckpt)
         log({"phase": "vae_done", "scaling_factor": scaling})
     vae.register_to_config(scaling_factor=scaling)
 
@@ -293,8 +302,10 @@ def train(out: str | Path, config: TrainConfig | None = None, model: ToyConfig |
     defaults = {"num_inference_steps": 20, "guidance_scale": 5.0, "height": model.image_size,
                 "width": model.image_size}
     (final / "opendaam.json").write_text(json.dumps(defaults, indent=1))
-    (out / "train_config.json").write_text(json.dumps({"train": asdict(cfg), "model": asdict(model),
-                                                       "world": asdict(world), "threads": threads}, indent=1))
+    recipe = json.dumps({"train": asdict(cfg), "model": asdict(model), "world": asdict(world), "threads": threads},
+                        indent=1)
+    (out / "train_config.json").write_text(recipe)
+    (final / "train_config.json").write_text(recipe)  # export_pipeline ships it beside the weights
     log({"phase": "done", "steps": step, "minutes": round((time.perf_counter() - started) / 60, 1),
          "unet_params": sum(p.numel() for p in unet.parameters()), "scaling_factor": scaling})
     return final
