@@ -355,6 +355,13 @@ def _tree(p: _Painter, rng: np.random.Generator, ground: int, road_top: int, siz
     p.ellipse((cx - r // 2, trunk_top - 2 * r + 5, cx + r // 3, trunk_top - r + 2), _shade(leaf, 1.2), "vegetation")
 
 
+def _wheels(p: _Painter, centres, axle: int, r: int, label: str) -> None:
+    """Tyres with hubs at ``centres`` on the row ``axle``."""
+    for cx in centres:
+        p.ellipse((cx - r, axle - r, cx + r, axle + r), (25, 25, 28), label)
+        p.ellipse((cx - r // 2, axle - r // 2, cx + r // 2, axle + r // 2), (150, 150, 155), label)
+
+
 def _car(p: _Painter, rng: np.random.Generator, road_top: int, size: int, scale: float) -> str:
     """A side-view car on the road; body, cabin, windows, wheels and lights are all ``car``."""
     name = _CAR_PAINTS[int(rng.integers(len(_CAR_PAINTS)))]
@@ -383,9 +390,7 @@ def _car(p: _Painter, rng: np.random.Generator, road_top: int, size: int, scale:
                (mid - 1, body_top - cabin_h + inset), (mid - 1, body_top - 1)], glass, "car")
     p.polygon([(mid + 1, body_top - 1), (mid + 1, body_top - cabin_h + inset),
                (cb - int(w * 0.08) - inset, body_top - cabin_h + inset), (cb - inset - 2, body_top - 1)], glass, "car")
-    for cx in (x0 + int(w * 0.2), x0 + int(w * 0.8)):
-        p.ellipse((cx - r, axle - r, cx + r, axle + r), (25, 25, 28), "car")
-        p.ellipse((cx - r // 2, axle - r // 2, cx + r // 2, axle + r // 2), (150, 150, 155), "car")
+    _wheels(p, (x0 + int(w * 0.2), x0 + int(w * 0.8)), axle, r, "car")
     p.rect((x0 + w - 3, body_top + 2, x0 + w - 1, body_top + 4), (250, 240, 180), "car")
     p.rect((x0, body_top + 2, x0 + 1, body_top + 4), (200, 30, 30), "car")
     return name
@@ -471,13 +476,6 @@ def _depth_on_road(rng: np.random.Generator, road_top: int, size: int, scale: fl
     depth = float(rng.random())
     bottom = min(size - 1, int(round(road_top + 8 + depth * (size - 1 - road_top - 8))) + int(rng.integers(-2, 3)))
     return scale * (0.7 + 0.3 * depth), bottom
-
-
-def _wheels(p: _Painter, centres, axle: int, r: int, label: str) -> None:
-    """Tyres with hubs at ``centres`` on the row ``axle``."""
-    for cx in centres:
-        p.ellipse((cx - r, axle - r, cx + r, axle + r), (25, 25, 28), label)
-        p.ellipse((cx - r // 2, axle - r // 2, cx + r // 2, axle + r // 2), (150, 150, 155), label)
 
 
 def _bus(p: _Painter, rng: np.random.Generator, road_top: int, size: int, scale: float) -> str:
