@@ -25,7 +25,7 @@ import torch.nn.functional as F
 
 from opendaam.models import load_pipeline, set_threads
 from opendaam.toyworld.scene import CLASSES, LABEL_IDS, LOOKALIKE_CLASSES, class_mask, render_scene, template_caption
-from opendaam.toyworld.train import HELD_OUT, _alphas, _caption_predictions, _tokenize, render_dataset
+from opendaam.toyworld.train import HELD_OUT, _alphas, _caption_predictions, _noised, _predict, render_dataset
 
 TIMESTEPS = (100, 300, 500, 700, 900)
 
@@ -41,13 +41,9 @@ def classifier(unet, text, tokenizer, latents: torch.Tensor, classes: list[str],
                seed: int) -> dict:
     """Diffusion-classifier accuracy: the caption (of the thesis classes, or of all seven) with the lowest loss."""
     names = list(CLASSES + LOOKALIKE_CLASSES)
-    noise = torch.randn(latents.shape, generator=torch.Generator().manual_seed(seed))  # as _caption_predictions
-    a = _alphas(scheduler)[t]
-    noisy = a.sqrt() * latents + (1 - a).sqrt() * noise
-    steps = torch.full((len(classes),), t)
-    losses = torch.stack([((unet(noisy, steps, encoder_hidden_states=text(
-        _tokenize(tokenizer, [template_caption(c)] * len(classes)))[0]).sample - noise) ** 2).mean((1, 2, 3))
-        for c in names], 1)  # (N, 7)
+    noise, noisy, steps = _noised(latents, scheduler, t, seed)  # the draw _caption_predictions makes
+    losses = torch.stack([((_predict(unet, text, tokenizer, noisy, steps, [template_caption(c)] * len(classes))
+                            - noise) ** 2).mean((1, 2, 3)) for c in names], 1)  # (N, 7)
     truth = torch.tensor([names.index(c) for c in classes])
     picked = losses.argmin(1)
     return {"accuracy_thesis_captions": float((losses[:, :len(CLASSES)].argmin(1) == truth).float().mean()),

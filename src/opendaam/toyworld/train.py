@@ -112,22 +112,36 @@ def _train_vae(vae, images: torch.Tensor, cfg: TrainConfig, log) -> None:
     vae.eval()
 
 
+def _noised(latents: torch.Tensor, scheduler, t: int, seed: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The noise drawn from ``seed``, the latents noised to timestep ``t`` with it, and the timesteps ``(N,)``."""
+    noise = torch.randn(latents.shape, generator=torch.Generator().manual_seed(seed))
+    a = _alphas(scheduler)[t]
+    return noise, a.sqrt() * latents + (1 - a).sqrt() * noise, torch.full((len(latents),), t)
+
+
+@torch.no_grad()
+def _predict(unet, text_encoder, tokenizer, noisy: torch.Tensor, steps: torch.Tensor,
+             captions: list[str]) -> torch.Tensor:
+    """The U-Net's noise predictions ``(N, 4, h, w)`` for ``captions`` (one per latent)."""
+    states = text_encoder(_tokenize(tokenizer, captions))[0]  # (N, 77, D)
+    return unet(noisy, steps, encoder_hidden_states=states).sample
+
+
 @torch.no_grad()
 def _caption_predictions(unet, text_encoder, tokenizer, vae_latents: torch.Tensor, classes: list[str], scheduler,
                          t: int = 500, seed: int = 1) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """The noise and the U-Net's predictions ``(N, 4, h, w)`` at ``t`` with the right, the wrong-class (the
     next class of :data:`CLASSES`) and the empty caption, from the same noisy latents."""
-    gen = torch.Generator().manual_seed(seed)
-    noise = torch.randn(vae_latents.shape, generator=gen)
-    a = _alphas(scheduler)[t]
-    noisy = a.sqrt() * vae_latents + (1 - a).sqrt() * noise
-    steps = torch.full((len(classes),), t)
+    others = sorted(set(classes) - set(CLASSES))
+    if others:
+        raise ValueError(f"caption_gap measures the thesis classes {list(CLASSES)} (the wrong caption is the next "
+                         f"one of them); got {others}")
+    noise, noisy, steps = _noised(vae_latents, scheduler, t, seed)
     wrong = [CLASSES[(CLASSES.index(c) + 1) % len(CLASSES)] for c in classes]
     preds = {}
     for name, captions in (("right", [template_caption(c) for c in classes]),
                            ("wrong", [template_caption(c) for c in wrong]), ("empty", [""] * len(classes))):
-        states = text_encoder(_tokenize(tokenizer, captions))[0]
-        preds[name] = unet(noisy, steps, encoder_hidden_states=states).sample
+        preds[name] = _predict(unet, text_encoder, tokenizer, noisy, steps, captions)
     return noise, preds
 
 
@@ -150,10 +164,6 @@ def caption_gap(unet, text_encoder, tokenizer, vae_latents: torch.Tensor, classe
         >>> sorted(gap)
         ['empty', 'empty_gap', 'right', 'wrong', 'wrong_gap']
     """
-    others = sorted(set(classes) - set(CLASSES))
-    if others:
-        raise ValueError(f"caption_gap measures the thesis classes {list(CLASSES)} (the wrong caption is the next "
-                         f"one of them); got {others}")
     noise, preds = _caption_predictions(unet, text_encoder, tokenizer, vae_latents, classes, scheduler, t, seed)
     losses = {name: float(F.mse_loss(pred, noise)) for name, pred in preds.items()}
     losses["wrong_gap"] = losses["wrong"] / losses["right"] - 1
