@@ -117,11 +117,11 @@ def loop_open_vocab_epoch(record: Record, unet, x: torch.Tensor, target: torch.T
 
 def int8_record(record: Record) -> Record:
     """The same record with int8 queries and per-row scales, as ``trace(query_dtype="int8")`` stores them."""
-    from opendaam.tracing import _store_queries
+    from opendaam.tracing import store_queries
 
     queries, scales = {}, {}
     for name, q in record.queries.items():
-        queries[name], scales[name] = _store_queries(q, "int8")  # (S, H, N, d) int8, (S, H, N) fp16
+        queries[name], scales[name] = store_queries(q, "int8")  # (S, H, N, d) int8, (S, H, N) fp16
     return Record(meta=record.meta, layers=record.layers, queries=queries, query_scales=scales,
                   linear_map=record.linear_map, linear_bias=record.linear_bias)
 

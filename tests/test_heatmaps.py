@@ -73,11 +73,11 @@ def test_daam_matches_plain_implementation(tiny_pipe):
 def test_daam_softmax_with_and_without_max_shift(tiny_pipe, monkeypatch, query_scale):
     """Scores within the exp2-safe bound skip the max subtraction; large scores (queries scaled up) take it;
     both match the plain implementation."""
-    from opendaam import tracing
+    from opendaam.tracing import recorders
 
     seen = []
-    bounded = tracing._scores_bounded
-    monkeypatch.setattr(tracing, "_scores_bounded", lambda q, k: seen.append(bounded(q, k)) or seen[-1])
+    bounded = recorders.scores_bounded
+    monkeypatch.setattr(recorders, "scores_bounded", lambda q, k: seen.append(bounded(q, k)) or seen[-1])
     layers = cross_attention_layers(tiny_pipe.unet).values()
     saved = [m.to_q.weight.detach().clone() for m in layers]
     kwargs = dict(num_inference_steps=2, height=32, width=32)
@@ -132,9 +132,9 @@ def test_batched_steps_record_the_same(tiny_pipe, monkeypatch, steps_per_batch, 
     modules = cross_attention_layers(tiny_pipe.unet)
     step_bytes = max(info.pixels * modules[n].to_q.in_features * 4 for n, info in whole.layers.items())
     if steps_per_batch is not None:
-        monkeypatch.setattr(tracing, "_BUFFER_BYTES", steps_per_batch * step_bytes)
+        monkeypatch.setattr(tracing.tracer, "_BUFFER_BYTES", steps_per_batch * step_bytes)
     if softmax_floats is not None:
-        monkeypatch.setattr(tracing, "_SOFTMAX_FLOATS", softmax_floats)
+        monkeypatch.setattr(tracing.recorders, "_SOFTMAX_FLOATS", softmax_floats)
     with trace(tiny_pipe, prompt=PROMPT, **options) as tracer:
         generate(tiny_pipe, prompt=PROMPT, **kwargs)
     parts = tracer.records[0]

@@ -5,8 +5,10 @@
 * ``open_vocab``: the same softmax for the keys of ANY prompt X' against the cached queries (eq. 3.6);
 * ``linear``: no softmax, one token embedding x at a time: ``M x`` (eq. 3.8).
 
-Maps are pure functions of (record, text or embedding), differentiable in the embedding. Fourth layer
-of opendaam: imports :mod:`opendaam.models`, :mod:`opendaam.tracing` and :mod:`opendaam.cache`.
+Maps are pure functions of (record, text or embedding), differentiable in the embedding. Each method is a
+small object in one registry, :data:`METHODS`. Fourth layer of opendaam: imports :mod:`opendaam.attention`,
+:mod:`opendaam.tracing`, :mod:`opendaam.cache` and the pure functions of :mod:`opendaam.metrics` (which
+imports nothing of opendaam).
 """
 
 from __future__ import annotations
@@ -20,13 +22,17 @@ import torch.nn.functional as F
 from PIL import Image
 from torch import Tensor
 
+from opendaam.attention import key_weight, softmax_maps, text_keys, upsample
 from opendaam.cache import queries, select_heads, select_layers, select_steps
-from opendaam.models import cross_attention_layers
-from opendaam.tracing import Record, tokenize_prompt, upsample
+from opendaam.metrics import normalize_maps
+from opendaam.tracing import Record, adapter_for, tokenize_prompt
+from opendaam.tracing.hooks import quiet_text_hooks
 
 __all__ = [
     "METHODS",
     "Heatmaps",
+    "Method",
+    "get_method",
     "colorize",
     "encode_text",
     "find_tokens",
@@ -85,15 +91,7 @@ class Heatmaps:
         The default is ``"minmax"`` for ``linear`` and ``"max"`` otherwise.
         """
         maps = self.soft if size == "image" else self.latent
-        kind = kind or ("minmax" if self.method == "linear" else "max")
-        flat = maps.flatten(1)
-        if kind == "max":
-            top = flat.amax(dim=1).clamp_min(1e-12)
-            return maps / top[:, None, None]
-        if kind == "minmax":
-            low, high = flat.amin(dim=1), flat.amax(dim=1)
-            return (maps - low[:, None, None]) / (high - low).clamp_min(1e-12)[:, None, None]
-        raise ValueError(f"normalization must be 'max' or 'minmax', not {kind!r}")
+        return normalize_maps(maps, kind or get_method(self.method).normalization)
 
     def masks(self, tau: float = 0.4, kind: str | None = None, size: str = "image") -> Tensor:
         """Binary masks ``normalized >= tau`` (``map >= tau * max`` for DAAM), ``(labels, H, W)`` bool.
@@ -224,7 +222,7 @@ def encode_text(pipe, text: str) -> tuple[Tensor, list[str]]:
     ids = tokenizer(text, padding="max_length", max_length=tokenizer.model_max_length, truncation=True,
                     return_tensors="pt").input_ids
     encoder = pipe.text_encoder
-    with torch.no_grad():
+    with torch.no_grad(), quiet_text_hooks():  # opendaam's own encoding is no generation's prompt
         states = encoder(ids.to(encoder.device))[0][0]  # (77, text_dim)
     return states.float().cpu(), tokens
 
@@ -292,8 +290,10 @@ def _need_pipe(pipe, why: str):
 
 def _key_modules(pipe, record: Record, names: list[str]) -> dict:
     """The attention modules of ``pipe`` for the record's layers, checked to be the same model."""
-    modules = cross_attention_layers(pipe.unet)
-    text_dim = int(pipe.unet.config.cross_attention_dim)
+    adapter = adapter_for(pipe)
+    denoiser = adapter.denoiser(pipe)
+    modules = adapter.layers(denoiser)
+    text_dim = adapter.text_dim(denoiser)
     if record.meta.get("text_dim") not in (None, text_dim):
         raise ValueError(
             f"the record was made by a model with text width {record.meta['text_dim']}, the pipeline's is "
@@ -303,21 +303,6 @@ def _key_modules(pipe, record: Record, names: list[str]) -> dict:
     if missing:
         raise ValueError(f"the pipeline has no layers {missing}: use the model that made the record")
     return {n: modules[n] for n in names}
-
-
-def _keys(attn, states: Tensor) -> Tensor:
-    """``(heads, T, head_dim)`` keys of text ``states`` ``(T, text_dim)`` in one layer, differentiable in states."""
-    weight = attn.to_k.weight.detach().float()
-    bias = attn.to_k.bias.detach().float() if attn.to_k.bias is not None else None
-    x = states.float()
-    if attn.norm_cross:
-        x = attn.norm_encoder_hidden_states(x[None].to(attn.to_k.weight.dtype)).float()[0]
-    k = F.linear(x, weight, bias)  # (T, inner)
-    heads = attn.heads
-    k = k.view(k.shape[0], heads, -1).transpose(0, 1)  # (heads, T, head_dim)
-    if attn.norm_k is not None:
-        k = attn.norm_k(k)
-    return k
 
 
 # -- methods -----------------------------------------------------------------------------------------------
@@ -434,7 +419,7 @@ def _softmax_maps(record: Record, req: _Request, modules: dict, states: Tensor, 
         info = record.layers[name]
         if name not in record.queries:
             queries(record, name)  # raises the explanatory error
-        k = _keys(modules[name], states)  # (heads, T, head_dim)
+        k = text_keys(modules[name], states)  # (heads, T, head_dim)
         hs = select_heads(info, req.heads)
         if hs is not None:
             k = k[hs]
@@ -445,9 +430,7 @@ def _softmax_maps(record: Record, req: _Request, modules: dict, states: Tensor, 
             q = provider(name, steps[start : start + chunk])  # (s, heads, N, head_dim)
             if hs is not None:
                 q = q[:, hs]
-            # tokens before pixels: the softmax then runs over a non-last axis, which PyTorch vectorizes
-            # along the pixels (a last axis of a few tokens is slow)
-            probs = (torch.matmul(k, q.transpose(-1, -2)) * info.scale).softmax(-2)  # (s, heads, T, N)
+            probs = softmax_maps(k, q, info.scale)  # (s, heads, T, N)
             part = probs[:, :, columns].sum((0, 1))  # (J, N)
             acc = part if acc is None else acc + part
         out[name] = acc  # (J, N)
@@ -567,9 +550,7 @@ def _linear_layers(record: Record, req: _Request, x: Tensor) -> dict[str, Tensor
                 "linear maps of chosen layers/steps/heads need the per-layer sums (linear_layers=True) or "
                 "the query cache (queries=True) when tracing; the matrix M alone covers all of them"
             )
-        attn = modules[name]
-        weight = attn.to_k.weight.detach().float()
-        bias = attn.to_k.bias.detach().float() if attn.to_k.bias is not None else None
+        weight, bias = key_weight(modules[name])
         k = F.linear(x, weight, bias).view(x.shape[0], info.heads, info.head_dim)  # (J, heads, head_dim)
         hs = select_heads(info, req.heads)
         if hs is not None:
@@ -595,12 +576,48 @@ def _word_embedding(record: Record, req: _Request, item: _Item) -> tuple[Tensor,
     return states[idx], idx
 
 
-METHODS: dict[str, Callable[[Record, _Request], tuple[Tensor, list[list[int]]]]] = {
-    "daam": _daam,
-    "open_vocab": _open_vocab,
-    "linear": _linear,
-}
-"""Heatmap methods by name: each maps (record, request) to ``(labels, h, w)`` latent maps."""
+@dataclass(frozen=True)
+class Method:
+    """A heatmap method: maps (record, request) to ``(labels, h, w)`` latent maps and each label's tokens.
+
+    Attributes:
+        name: the name :func:`heatmaps` takes.
+        compute: the function of (record, request).
+        normalization: how its maps are scaled to [0, 1] for masks and curves (``"max"``, DAAM's eq. 3.4, or
+            ``"minmax"`` for maps that can be negative).
+        description: one line for help texts.
+    """
+
+    name: str
+    compute: Callable[[Record, _Request], tuple[Tensor, list[list[int]]]]
+    normalization: str
+    description: str
+
+    def __call__(self, record: Record, request: _Request) -> tuple[Tensor, list[list[int]]]:
+        return self.compute(record, request)
+
+
+METHODS: dict[str, Method] = {m.name: m for m in (
+    Method("daam", _daam, "max", "softmax cross-attention of the generating prompt's tokens"),
+    Method("open_vocab", _open_vocab, "max", "softmax attention of the cached queries over any text's keys"),
+    Method("linear", _linear, "minmax", "query-key products without softmax for one embedding: M x"),
+)}
+"""Heatmap methods by name: the one registry every module and command takes methods from."""
+
+
+def get_method(name: str) -> Method:
+    """The method called ``name``.
+
+    Raises:
+        ValueError: an unknown name; the message lists the valid ones.
+
+    Example:
+        >>> get_method("linear").normalization
+        'minmax'
+    """
+    if name not in METHODS:
+        raise ValueError(f"unknown method {name!r}; choose one of: {', '.join(METHODS)}")
+    return METHODS[name]
 
 
 def heatmaps(
@@ -651,8 +668,7 @@ def heatmaps(
         >>> heatmaps(record, "tree", method="linear", pipe=pipe).labels
         ['tree']
     """
-    if method not in METHODS:
-        raise ValueError(f"unknown method {method!r}; choose one of: {', '.join(METHODS)}")
+    chosen = get_method(method)
     if softmax_over not in ("padded", "prompt"):
         raise ValueError(f"softmax_over must be 'padded' or 'prompt', not {softmax_over!r}")
     if pooling not in ("mean", "sum"):
@@ -661,7 +677,7 @@ def heatmaps(
         items=_parse(query), pipe=pipe, context=context, layers=select_layers(record, layers),
         positions=select_steps(record, steps), heads=heads, softmax_over=softmax_over, pooling=pooling,
     )
-    latent, groups = METHODS[method](record, req)
+    latent, groups = chosen(record, req)
     labels = [it.label for it in req.items] if req.items else [t for t in (record.tokens or [])]
     if len(labels) != latent.shape[0]:
         labels = [f"token[{i}]" for i in range(latent.shape[0])]

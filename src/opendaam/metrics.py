@@ -80,21 +80,30 @@ def mean_iou(stats: Tensor, reduction: str = "per_image") -> Tensor:
     raise ValueError(f"reduction must be 'per_image' or 'dataset', not {reduction!r}")
 
 
-def normalize_maps(maps: Tensor, kind: str = "max") -> Tensor:
-    """Scale ``(..., H, W)`` maps to [0, 1] per map: divide by the max (eq. 3.4) or min-max.
+def normalize_maps(maps: Tensor, kind: str = "max", *, dims: int = 2, eps: float = 1e-12) -> Tensor:
+    """Scale maps to [0, 1] per map: divide by the max (eq. 3.4) or min-max.
+
+    Args:
+        maps: ``(..., H, W)`` maps, or ``(..., P)`` flat ones with ``dims=1``.
+        kind: ``"max"`` or ``"minmax"``.
+        dims: how many trailing dimensions make one map.
+        eps: the smallest divisor (a flat map stays finite).
 
     Example:
         >>> normalize_maps(torch.tensor([[[1.0, 3.0]]]), "minmax").tolist()
         [[[0.0, 1.0]]]
+        >>> normalize_maps(torch.tensor([[1.0, 3.0]]), "minmax", dims=1).tolist()
+        [[0.0, 1.0]]
     """
-    flat = maps.flatten(-2)
-    high = flat.amax(-1)[..., None, None]
+    if kind not in ("max", "minmax"):
+        raise ValueError(f"normalization must be 'max' or 'minmax', not {kind!r}")
+    flat = maps.flatten(-dims) if dims > 1 else maps
+    pad = (None,) * dims
+    high = flat.amax(-1)[(..., *pad)]
     if kind == "max":
-        return maps / high.clamp_min(1e-12)
-    if kind == "minmax":
-        low = flat.amin(-1)[..., None, None]
-        return (maps - low) / (high - low).clamp_min(1e-12)
-    raise ValueError(f"normalization must be 'max' or 'minmax', not {kind!r}")
+        return maps / high.clamp_min(eps)
+    low = flat.amin(-1)[(..., *pad)]
+    return (maps - low) / (high - low).clamp_min(eps)
 
 
 def binarize(maps: Tensor, tau: float, kind: str = "max") -> Tensor:

@@ -6,8 +6,8 @@
 ground-truth masks over N images. The optimized token then maps the object on new images of the same model:
 ``heatmaps(record, token, method="linear")``.
 
-Fifth layer of opendaam: imports models, tracing, cache and heatmaps (and the private kernel loader
-``_kernels``, which imports nothing of opendaam) only.
+Fifth layer of opendaam: imports attention, tracing, cache, heatmaps and the pure functions of metrics (and the
+private kernel loader ``_kernels``, which imports nothing of opendaam) only.
 """
 
 from __future__ import annotations
@@ -28,9 +28,11 @@ from torch.autograd.function import once_differentiable
 
 from opendaam import _kernels
 from opendaam._io import atomic_write_with
+from opendaam.attention import key_weight, text_keys, upsample
 from opendaam.cache import queries
-from opendaam.heatmaps import _key_modules, _keys, _to_latent, encode_text, find_tokens
-from opendaam.tracing import Record, _store_queries, upsample
+from opendaam.heatmaps import _key_modules, _to_latent, encode_text, find_tokens
+from opendaam.metrics import confusion, iou_score, normalize_maps
+from opendaam.tracing import Record, store_queries
 
 __all__ = [
     "LOSSES",
@@ -69,13 +71,6 @@ class OptimizeConfig:
             raise ValueError(f"queries must be 'auto', 'bfloat16' or 'int8', not {self.queries!r}")
         if self.loss not in LOSSES:
             raise ValueError(f"unknown loss {self.loss!r}; choose one of: {', '.join(LOSSES)}")
-
-
-def _minmax(maps: Tensor) -> Tensor:
-    """Per-map min-max scaling of ``(..., P)`` maps to [0, 1]."""
-    low = maps.amin(-1, keepdim=True)
-    high = maps.amax(-1, keepdim=True)
-    return (maps - low) / (high - low).clamp_min(1e-8)
 
 
 def _ce_loss(p: Tensor, g: Tensor) -> Tensor:
@@ -265,13 +260,6 @@ class _Adam:
         self.x.addcdiv_(self.m, denom, value=-self.lr / (1 - b1**self.t))
 
 
-def _iou(pred: Tensor, target: Tensor) -> Tensor:
-    """Mean IoU over images of boolean ``(images, pixels)`` predictions (for progress reports)."""
-    inter = (pred & target).sum(-1).float()
-    union = (pred | target).sum(-1).float().clamp_min(1)
-    return (inter / union).mean()
-
-
 class _LinearObjective:
     """Maps of one embedding on N images: ``M_j x + c_j`` stacked into one batched product."""
 
@@ -432,7 +420,7 @@ class _OpenVocabObjective:
                     continue
                 q = queries(r, name).transpose(0, 1).reshape(info.heads, -1, info.head_dim)  # (heads, S*N, d)
                 # int8: the tracer's own storage (absmax codes, one fp16 scale per head, step and pixel)
-                per_layer[name] = (_int8_layer(*_store_queries(q, "int8"), info.pixels, native) if int8
+                per_layer[name] = (_int8_layer(*store_queries(q, "int8"), info.pixels, native) if int8
                                    else q.to(torch.bfloat16).contiguous())
             self.cache.append(per_layer)
         # Only W_k (x_obj - x_bg) enters the scores (a key bias cancels): with linear keys, all layers' scaled
@@ -440,7 +428,7 @@ class _OpenVocabObjective:
         first = records[0].layers
         self.stacked = None
         if not any(m.norm_cross or m.norm_k is not None for m in self.modules.values()):
-            self.stacked = torch.cat([self.modules[n].to_k.weight.detach().float() * info.scale
+            self.stacked = torch.cat([key_weight(self.modules[n])[0] * info.scale
                                       for n, info in first.items()]).to(torch.bfloat16)  # (sum inner, D)
             self.stacked_t = self.stacked.T.contiguous()  # (D, sum inner): the gradient's product, row-major
             self.splits = [info.heads * info.head_dim for info in first.values()]
@@ -454,7 +442,7 @@ class _OpenVocabObjective:
                     for (n, info), part in zip(layers.items(), flat.split(self.splits), strict=True)}
         vectors = {}
         for name, info in layers.items():
-            k = _keys(self.modules[name], x)  # (heads, 2, head_dim)
+            k = text_keys(self.modules[name], x)  # (heads, 2, head_dim)
             vectors[name] = (k[:, 0] - k[:, 1]) * info.scale  # (heads, head_dim)
         return vectors
 
@@ -584,11 +572,11 @@ def optimize_token(
         optimizer.zero_grad()
         maps = resize(objective(x))
         if cfg.method == "linear":
-            p = _minmax(maps)  # (N, P)
+            p = normalize_maps(maps, "minmax", dims=1, eps=1e-8)  # (N, P)
             loss = loss_fn(p, targets)
             obj = p
         else:
-            p = _minmax(maps)  # (N, 2, P)
+            p = normalize_maps(maps, "minmax", dims=1, eps=1e-8)  # (N, 2, P)
             g = torch.stack([targets, 1 - targets], dim=1)  # (N, 2, P)
             loss = loss_fn(p.flatten(0, 1), g.flatten(0, 1))
             obj = p[:, 0]
@@ -600,7 +588,8 @@ def optimize_token(
             since_best += 1
         loss.backward()
         optimizer.step()
-        miou = float(_iou(obj.detach() >= cfg.tau, binary))
+        stats = confusion((obj.detach() >= cfg.tau)[:, None], binary[:, None])  # (N, 4), pixels as a 1 x P map
+        miou = float(iou_score(stats, empty=0.0).mean())
         entry = {"epoch": epoch, "loss": value, "train_miou": miou}
         history.append(entry)
         if callback is not None:
