@@ -275,8 +275,9 @@ def _need_tokens(record: Record) -> list[str]:
     """The record's prompt tokens, or a clear error."""
     if not record.tokens:
         raise ValueError(
-            "the record does not know its prompt's tokens; trace with opendaam.trace(pipe, prompt=...) or "
-            "ask for token indices (integers) instead of words"
+            "the record does not know its prompt's words (the pipeline was given prompt_embeds, so no prompt was "
+            "encoded): name the prompt the embeddings came from with opendaam.trace(pipe, prompt=...) or "
+            "tracer.next(prompt=...), or ask for token indices (integers) instead of words"
         )
     return record.tokens
 

@@ -189,6 +189,9 @@ class Record:
             if len(latent) != 2 or min(latent) < 1:
                 return f"latent_size {latent} is not two positive sizes"
             image = meta.get("image_size")
+            factor = meta.get("vae_scale_factor")
+            if image is not None and factor is not None and list(image) != [latent[0] * factor, latent[1] * factor]:
+                return f"image_size {image} is not the latent size {latent} times the VAE's factor {factor}"
             if image is not None and (len(image) != 2 or image[0] % latent[0] or image[1] % latent[1]
                                       or image[0] // latent[0] != image[1] // latent[1]):
                 return f"image_size {image} is not the latent size {latent} times one factor"

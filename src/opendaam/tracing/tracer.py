@@ -155,6 +155,7 @@ class Tracer:
         self._gen_meta = {
             "latent_size": [int(h), int(w)],
             "image_size": [int(h) * scale, int(w) * scale],
+            "vae_scale_factor": scale,
             "guidance_scale": _float_or_none(getattr(self.pipe, "guidance_scale", None)),
             "classifier_free_guidance": self._cfg,
             "scheduler": type(scheduler).__name__ if scheduler is not None else None,
