@@ -203,7 +203,7 @@ def reference_daam(pipe, prompt, *, height: int, width: int, layers=None, reduce
             if not state["conditional"]:
                 return
             names = ("hidden_states", "encoder_hidden_states", "attention_mask", "rotary")
-            inputs = dict(zip(names, args))  # Flux passes its four inputs by position
+            inputs = dict(zip(names, args, strict=False))  # Flux passes its four inputs by position
             inputs.update({k: v for k, v in kwargs.items() if k in names})
             if kwargs.get("image_rotary_emb") is not None:
                 inputs["rotary"] = kwargs["image_rotary_emb"]

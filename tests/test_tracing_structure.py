@@ -145,7 +145,8 @@ def test_edited_metadata_is_refused(tmp_path, saved_record):
         header = json.loads(handle.metadata()["opendaam"])
         tensors = {k: handle.get_tensor(k) for k in handle.keys()}
     for name, edits, problem in (
-        ("latent", {"latent_size": [32, 32], "image_size": [64, 64]}, "linear_map has 256 rows but the latent is 32x32"),
+        ("latent", {"latent_size": [32, 32], "image_size": [64, 64]},
+         "linear_map has 256 rows but the latent is 32x32"),
         ("shape", {"image_size": [48, 32]}, r"image_size \[48, 32\] is not the latent size \[16, 16\] times the VAE"),
         ("size", {"image_size": [64, 64]}, r"image_size \[64, 64\] is not the latent size \[16, 16\] times the "
                                            "VAE's factor 2"),

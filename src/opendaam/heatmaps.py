@@ -34,10 +34,12 @@ __all__ = [
     "Method",
     "get_method",
     "colorize",
+    "encode_ids",
     "encode_text",
     "find_tokens",
     "heatmaps",
     "prompt_words",
+    "text_encoders",
 ]
 
 START_NAMES = ("<sot>", "<|startoftext|>", "<start>")
@@ -211,20 +213,54 @@ def find_tokens(tokens: Sequence[str], word: str) -> list[int]:
     return found
 
 
+def text_encoders(pipe) -> list[tuple[object, torch.nn.Module]]:
+    """The (tokenizer, text encoder) pairs whose states make the denoiser's text context, in context order:
+    one for Stable Diffusion 1/2, two for SDXL (their penultimate states concatenated)."""
+    pairs = [(getattr(pipe, t, None), getattr(pipe, e, None))
+             for t, e in (("tokenizer", "text_encoder"), ("tokenizer_2", "text_encoder_2"))]
+    pairs = [(t, e) for t, e in pairs if t is not None and e is not None]
+    if not pairs:
+        raise ValueError(f"{type(pipe).__name__} has no tokenizer and text encoder to encode new words with")
+    return pairs
+
+
+def encode_ids(pipe, ids: list[Tensor]) -> Tensor:
+    """The denoiser's text context ``(batch, T, text_dim)`` for token ids ``(batch, T)`` of each of the
+    pipeline's :func:`text_encoders`, built as the pipeline builds it: the last state of a single encoder
+    (Stable Diffusion 1/2), or the penultimate states of both encoders concatenated (SDXL). Differentiable in
+    nothing: the encoders run without gradients and out of any trace's view."""
+    pairs = text_encoders(pipe)
+    parts = []
+    with torch.no_grad(), quiet_text_hooks():  # opendaam's own encoding is no generation's prompt
+        for (_, encoder), tokens in zip(pairs, ids, strict=True):
+            if len(pairs) == 1:
+                parts.append(encoder(tokens.to(encoder.device))[0])  # (batch, T, width)
+            else:
+                out = encoder(tokens.to(encoder.device), output_hidden_states=True)
+                parts.append(out.hidden_states[-2])  # (batch, T, width_i)
+    return torch.cat(parts, dim=-1).float().cpu()  # (batch, T, text_dim)
+
+
 def encode_text(pipe, text: str) -> tuple[Tensor, list[str]]:
-    """The text encoder's ``(77, text_dim)`` states for ``text`` (padded as the pipeline pads) and its tokens.
+    """The denoiser's ``(77, text_dim)`` text context for ``text`` (padded as the pipeline pads, through every
+    text encoder the pipeline uses) and its tokens.
 
     Raises:
         ValueError: the text has more tokens than the encoder reads.
+
+    Example:
+        >>> from opendaam.models import build_pipeline
+        >>> pipe = build_pipeline("tiny")
+        >>> states, tokens = encode_text(pipe, "a car")
+        >>> tuple(states.shape), tokens
+        ((77, 32), ['<|startoftext|>', 'a</w>', 'car</w>', '<|endoftext|>'])
+        >>> torch.equal(states, pipe.encode_prompt("a car", "cpu", 1, False)[0][0])
+        True
     """
     _, tokens = tokenize_prompt(pipe, text)
-    tokenizer = pipe.tokenizer
-    ids = tokenizer(text, padding="max_length", max_length=tokenizer.model_max_length, truncation=True,
-                    return_tensors="pt").input_ids
-    encoder = pipe.text_encoder
-    with torch.no_grad(), quiet_text_hooks():  # opendaam's own encoding is no generation's prompt
-        states = encoder(ids.to(encoder.device))[0][0]  # (77, text_dim)
-    return states.float().cpu(), tokens
+    ids = [tokenizer(text, padding="max_length", max_length=tokenizer.model_max_length, truncation=True,
+                     return_tensors="pt").input_ids for tokenizer, _ in text_encoders(pipe)]
+    return encode_ids(pipe, ids)[0], tokens
 
 
 # -- query parsing -----------------------------------------------------------------------------------

@@ -30,7 +30,7 @@ from opendaam import _kernels
 from opendaam._io import atomic_write_with
 from opendaam.attention import key_weight, text_keys, upsample
 from opendaam.cache import queries
-from opendaam.heatmaps import _key_modules, _to_latent, encode_text, find_tokens
+from opendaam.heatmaps import _key_modules, _to_latent, encode_ids, encode_text, find_tokens, text_encoders
 from opendaam.metrics import confusion, iou_score, normalize_maps
 from opendaam.tracing import Record, store_queries
 
@@ -637,12 +637,11 @@ def nearest_words(token: OptimizedToken | Tensor, pipe, k: int = 10, vocabulary:
     if not ids:
         raise ValueError("no single-token words to compare with")
     start = tokenizer.bos_token_id
-    encoder = pipe.text_encoder
+    encoders = len(text_encoders(pipe))
     outs = []
-    with torch.no_grad():
-        for i in range(0, len(ids), batch):
-            chunk = torch.tensor([[start, t] for t in ids[i : i + batch]], device=encoder.device)
-            outs.append(encoder(chunk)[0][:, 1].float().cpu())  # (b, D)
+    for i in range(0, len(ids), batch):
+        chunk = torch.tensor([[start, t] for t in ids[i : i + batch]])  # (b, 2), the same ids in every encoder
+        outs.append(encode_ids(pipe, [chunk] * encoders)[:, 1])  # (b, D): the context row of the word
     emb = torch.cat(outs)
     sims = F.cosine_similarity(emb, x.float()[None], dim=-1)
     top = sims.topk(min(k, len(ids)))

@@ -15,7 +15,6 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 
-import torch
 from torch import Tensor, nn
 
 __all__ = ["GenerationClock", "ProcessorHooks", "StepInfo", "TextCall", "TextEncoderHooks", "quiet_text_hooks"]
@@ -171,8 +170,7 @@ class TextCall:
 
     encoder: int  # 0 for ``pipe.text_encoder``, 1 for ``text_encoder_2``, ...
     input_ids: Tensor  # (batch, tokens)
-    states: Tensor | None = None  # (batch, tokens, width), the output's first element
-    extra: dict = field(default_factory=dict)
+    states: list[Tensor] = field(default_factory=list)  # (batch, tokens, width) each: last and hidden states
 
 
 class TextEncoderHooks:
@@ -192,10 +190,11 @@ class TextEncoderHooks:
             ids = args[0] if args else kwargs.get("input_ids")
             if not isinstance(ids, Tensor) or _quiet():
                 return
-            states = output[0] if isinstance(output, (tuple, list)) else getattr(output, "last_hidden_state", None)
-            with torch.no_grad():
-                self.calls.append(TextCall(index, ids.detach().cpu(),
-                                           states.detach() if isinstance(states, Tensor) else None))
+            # the pipeline builds its context from the last state (SD 1/2) or a hidden state (SDXL, clip_skip)
+            first = output[0] if isinstance(output, (tuple, list)) else getattr(output, "last_hidden_state", None)
+            hidden = getattr(output, "hidden_states", None) or ()
+            states = [t.detach() for t in (first, *hidden) if isinstance(t, Tensor) and t.ndim == 3]
+            self.calls.append(TextCall(index, ids.detach().cpu(), states))
         return hook
 
     def take(self) -> list[TextCall]:

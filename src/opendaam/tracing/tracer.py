@@ -365,18 +365,21 @@ class Tracer:
 def _conditional_call(calls: list[TextCall], cfg: bool, context: Tensor | None) -> TextCall | None:
     """The first text encoder's call that encoded the conditional prompt, among a generation's calls.
 
-    Diffusers' pipelines encode the prompt before the negative prompt. With guidance and a single call, that call
-    is the prompt only if its states are the conditional context (else the pipeline was given ``prompt_embeds``
-    and encoded only the negative prompt)."""
+    The call one of whose states (last or hidden) holds the conditional context's first columns is it. Where no
+    state matches (a pipeline that transforms them, such as clip_skip's final norm), diffusers' order decides:
+    the prompt is encoded before the negative prompt, so the first call is the prompt's unless guidance is on and
+    there was only one call (then it may be the negative prompt's, with ``prompt_embeds`` given: unknown)."""
     first = [c for c in calls if c.encoder == 0]
-    if not first:
+    if context is not None:
+        for call in first:
+            for states in call.states:
+                width = states.shape[-1]
+                if states.shape[-2] == context.shape[0] and width <= context.shape[1] and any(
+                        torch.equal(row.float(), context[:, :width]) for row in states):
+                    return call
+    if not first or (cfg and len(first) < 2):
         return None
-    if not cfg or len(first) >= 2:
-        return first[0]
-    states = first[0].states
-    if context is None or states is None or states.shape[-2:] != context.shape:
-        return None
-    return first[0] if any(torch.equal(row.float(), context) for row in states) else None
+    return first[0]
 
 
 def _trim_ids(tokenizer, ids: Tensor) -> list[int]:
