@@ -1,25 +1,190 @@
-"""Architecture adapters: where a denoiser's text-conditioned attention layers are, and what they read.
+"""Architecture adapters: where a denoiser's text-conditioned attention layers are, and what they compute.
 
-One small class per attention family says how to find the layers (by module type and configuration, never by
-a name such as ``attn2``) and how to get, for one layer, the image queries' input and the text states exactly
-as the layer's processor computes them. The tracer, heatmaps and optimization ask :func:`adapter_for` and never
-look inside a denoiser themselves.
+One small class per attention family finds the layers (by module type and configuration, never by a name such
+as ``attn2``: SD3.5's ``attn2`` is image-only self-attention) and gives each a :class:`LayerKind` that says how to
+get, from one call of the layer, the image queries, the text keys and any score bias exactly as the layer's
+processor computes them (norms, RoPE and padding masks included). The tracer, heatmaps and optimization ask
+:func:`adapter_for` and never look inside a denoiser themselves.
+
+Families (facts: ``docs/dev/families.md``):
+
+* U-Net cross-attention (Stable Diffusion 1/2, SDXL): keys from the text states passed to the layer;
+* DiT cross-attention (PixArt-alpha/Sigma): the same, with the T5 padding mask as a score bias;
+* joint attention ``[image; text]`` (SD3/SD3.5): text keys ``norm_added_k(add_k_proj(c))`` of the block's text
+  stream; SD3.5's image-only attention is left out;
+* joint attention ``[text; image]`` (Flux): double-stream blocks as SD3 plus RoPE; single-stream blocks attend over
+  one sequence ``[text; image]`` whose text length comes from the transformer's call.
 """
 
 from __future__ import annotations
 
+import math
+from dataclasses import dataclass
+
+import torch
 from torch import Tensor, nn
 
+from opendaam.attention import image_queries, key_linear, text_keys
 from opendaam.models import cross_attention_layers
 
-__all__ = ["ADAPTERS", "Adapter", "UNetCrossAttention", "adapter_for"]
+__all__ = [
+    "ADAPTERS",
+    "Adapter",
+    "CrossAttention",
+    "FluxAdapter",
+    "JointAttention",
+    "LayerCall",
+    "LayerKind",
+    "PixArtAdapter",
+    "SD3Adapter",
+    "UNetCrossAttention",
+    "adapter_for",
+]
+
+
+@dataclass
+class LayerCall:
+    """One call of a text-conditioned attention layer, as its processor received it."""
+
+    hidden_states: Tensor  # (B, N, dim) or (B, C, h, w); Flux single-stream: (B, T + N, dim)
+    encoder_hidden_states: Tensor | None = None  # (B, T, D) text states, None in single-stream blocks
+    attention_mask: Tensor | None = None  # PixArt: (B, 1, T) additive score bias
+    temb: Tensor | None = None  # U-Net spatial norm input
+    rotary: tuple[Tensor, Tensor] | None = None  # Flux: (cos, sin), each (T + N, head_dim)
+    text_len: int = 0  # text tokens of the denoiser's call
+
+
+class LayerKind:
+    """How one kind of layer computes its image queries and text keys (cross-attention by default)."""
+
+    joint = False  # the model's softmax runs over image and text keys together (MM-DiT)
+    linear = True  # keys may be linear in the text states (then :meth:`key_linear` decides per layer)
+
+    def query_input(self, attn: nn.Module, call: LayerCall, rows: slice) -> Tensor:
+        """The layer's query input ``(n, N, dim)`` for the conditional ``rows`` (norms included)."""
+        h = call.hidden_states[rows]
+        if attn.spatial_norm is not None:
+            h = attn.spatial_norm(h, call.temb[rows] if call.temb is not None else None)
+        if h.ndim == 4:
+            b, c, hh, ww = h.shape
+            h = h.view(b, c, hh * ww).transpose(1, 2)  # (n, N, dim)
+        if attn.group_norm is not None:
+            h = attn.group_norm(h.transpose(1, 2)).transpose(1, 2)
+        return h
+
+    def queries(self, attn: nn.Module, h: Tensor, call: LayerCall) -> tuple[Tensor, Tensor]:
+        """``to_q`` output ``(..., N, inner)`` and per-head queries ``(..., heads, N, head_dim)`` of inputs ``h``."""
+        return image_queries(attn, h)
+
+    def text_states(self, attn: nn.Module, call: LayerCall, rows: slice) -> Tensor | None:
+        """The text states ``(n, T, D)`` the layer's keys are computed from, for ``rows``."""
+        states = call.encoder_hidden_states
+        return None if states is None else states[rows]
+
+    def keys(self, attn: nn.Module, states: Tensor, call: LayerCall | None = None,
+             exact_module: bool = False) -> Tensor:
+        """Keys ``(..., heads, T, head_dim)`` of text ``states`` ``(..., T, D)``, without the softmax scale."""
+        return text_keys(attn, states, exact_module=exact_module)
+
+    def score_bias(self, call: LayerCall, rows: slice) -> Tensor | None:
+        """An additive bias ``(n, T)`` on the scores (natural-log units), or None."""
+        return None
+
+    def scale(self, attn: nn.Module) -> float:
+        """The softmax temperature."""
+        return float(attn.scale)
+
+    def key_linear(self, attn: nn.Module) -> bool:
+        """Whether keys are a linear function of the layer's text states."""
+        return self.linear and key_linear(attn)
+
+
+class CrossAttention(LayerKind):
+    """Cross-attention whose processor may add a padding mask to the scores (PixArt's T5 context)."""
+
+    def score_bias(self, call: LayerCall, rows: slice) -> Tensor | None:
+        mask = call.attention_mask
+        if mask is None:
+            return None
+        mask = mask[rows]
+        if mask.dtype == torch.bool:
+            mask = torch.zeros(mask.shape, dtype=torch.float32, device=mask.device).masked_fill_(~mask, -math.inf)
+        return mask.reshape(mask.shape[0], -1).float()  # (n, T): (B, 1, T) biases as the processor adds them
+
+
+class JointAttention(LayerKind):
+    """Joint attention ``[image; text]`` (SD3/SD3.5) or ``[text; image]`` (Flux double-stream): image queries
+    ``norm_q(to_q(h))`` and text keys ``norm_added_k(add_k_proj(c))``, RoPE where the call carries it."""
+
+    joint = True
+    linear = False  # later blocks' text states depend on the image: no single linear map in the prompt's states
+
+    def query_input(self, attn: nn.Module, call: LayerCall, rows: slice) -> Tensor:
+        return call.hidden_states[rows]
+
+    def queries(self, attn: nn.Module, h: Tensor, call: LayerCall) -> tuple[Tensor, Tensor]:
+        flat, q = image_queries(attn, h)  # (..., N, inner), (..., heads, N, head_dim)
+        if call.rotary is not None:
+            cos, sin = call.rotary
+            q = _rope(q, cos[call.text_len :], sin[call.text_len :])
+        return flat, q
+
+    def keys(self, attn: nn.Module, states: Tensor, call: LayerCall | None = None,
+             exact_module: bool = False) -> Tensor:
+        k = attn.add_k_proj(states.to(attn.add_k_proj.weight.dtype))  # (..., T, inner)
+        k = k.view(*k.shape[:-1], attn.heads, -1).transpose(-2, -3)  # (..., heads, T, head_dim)
+        if attn.norm_added_k is not None:
+            k = attn.norm_added_k(k)
+        if call is not None and call.rotary is not None:
+            cos, sin = call.rotary
+            k = _rope(k, cos[: k.shape[-2]], sin[: k.shape[-2]])
+        return k if exact_module else k.float()
+
+    def scale(self, attn: nn.Module) -> float:
+        return 1.0 / math.sqrt(attn.to_q.out_features // attn.heads)  # scaled_dot_product_attention's default
+
+
+class SingleStream(JointAttention):
+    """Flux single-stream attention: one sequence ``[text; image]`` through ``to_q``/``to_k`` with RoPE; the text
+    rows are the first ``text_len`` of the call."""
+
+    def query_input(self, attn: nn.Module, call: LayerCall, rows: slice) -> Tensor:
+        return call.hidden_states[rows, call.text_len :]
+
+    def text_states(self, attn: nn.Module, call: LayerCall, rows: slice) -> Tensor:
+        return call.hidden_states[rows, : call.text_len]
+
+    def keys(self, attn: nn.Module, states: Tensor, call: LayerCall | None = None,
+             exact_module: bool = False) -> Tensor:
+        k = attn.to_k(states.to(attn.to_k.weight.dtype))  # (..., T, inner)
+        k = k.view(*k.shape[:-1], attn.heads, -1).transpose(-2, -3)  # (..., heads, T, head_dim)
+        if attn.norm_k is not None:
+            k = attn.norm_k(k)
+        if call is not None and call.rotary is not None:
+            cos, sin = call.rotary
+            k = _rope(k, cos[: k.shape[-2]], sin[: k.shape[-2]])
+        return k if exact_module else k.float()
+
+
+def _rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+    """Flux's rotary embedding of ``(..., S, head_dim)`` rows with ``(S, head_dim)`` cos and sin (consecutive
+    pairs rotated, in float32, cast back), as ``diffusers.models.embeddings.apply_rotary_emb`` applies it."""
+    from diffusers.models.embeddings import apply_rotary_emb
+
+    lead = x.shape[:-2]
+    flat = x.reshape(-1, 1, *x.shape[-2:])  # (B', 1, S, head_dim): its layout [B, H, S, D] with sequence_dim=2
+    return apply_rotary_emb(flat, (cos, sin), sequence_dim=2).reshape(*lead, *x.shape[-2:])
 
 
 class Adapter:
-    """The interface of an architecture adapter (one per attention family)."""
+    """An attention family: where its layers are and how each is computed."""
 
     family: str = ""
     """Human-readable name of the family, used in error messages."""
+    linear_keys = True
+    """Keys are linear in one text context shared by all layers (linear maps and their optimization exist)."""
+    branch_calls = False
+    """The pipeline may call the denoiser once per guidance branch, conditional first (Flux's true CFG)."""
 
     @classmethod
     def matches(cls, pipe) -> bool:
@@ -27,9 +192,14 @@ class Adapter:
         raise NotImplementedError
 
     @staticmethod
+    def text_segments(pipe) -> tuple[str, ...]:
+        """The tokenizers whose token columns make the denoiser's text input, in column order."""
+        return ("tokenizer",)
+
+    @staticmethod
     def denoiser(pipe) -> nn.Module:
-        """The module the pipeline calls once per step with the noisy latent."""
-        raise NotImplementedError
+        """The module the pipeline calls once per step (per branch) with the noisy latent."""
+        return pipe.transformer
 
     @staticmethod
     def layers(denoiser: nn.Module) -> dict[str, nn.Module]:
@@ -37,19 +207,36 @@ class Adapter:
         raise NotImplementedError
 
     @staticmethod
+    def kind(name: str, module: nn.Module) -> LayerKind:
+        """How the layer ``name`` computes its queries and keys."""
+        return _CROSS
+
+    @staticmethod
     def text_dim(denoiser: nn.Module) -> int:
-        """Width of the text states the keys are computed from."""
+        """Width of the text states the layers' keys are computed from."""
         raise NotImplementedError
 
     @staticmethod
     def sample(args: tuple, kwargs: dict) -> tuple[Tensor, object]:
-        """The noisy latent and the timestep from the denoiser's call arguments."""
-        raise NotImplementedError
+        """The noisy latent and the timestep from the denoiser's call arguments (diffusers' transformer pipelines
+        pass everything but the latent by keyword)."""
+        sample = args[0] if args else kwargs.get("hidden_states")
+        return sample, kwargs.get("timestep")
 
     @staticmethod
-    def query_input(attn: nn.Module, hidden_states: Tensor, temb: Tensor | None) -> Tensor:
-        """The layer's query input ``(n, N, dim)`` from the rows of its ``hidden_states`` (norms included)."""
-        raise NotImplementedError
+    def text_input(args: tuple, kwargs: dict) -> Tensor | None:
+        """The text states ``(B, T, D)`` the denoiser was called with."""
+        return kwargs.get("encoder_hidden_states", args[1] if len(args) > 1 else None)
+
+    @staticmethod
+    def latent_size(sample: Tensor, kwargs: dict) -> tuple[int, int]:
+        """``(h, w)`` of the VAE latent being denoised."""
+        return int(sample.shape[-2]), int(sample.shape[-1])
+
+
+_CROSS = CrossAttention()
+_JOINT = JointAttention()
+_SINGLE = SingleStream()
 
 
 class UNetCrossAttention(Adapter):
@@ -82,19 +269,109 @@ class UNetCrossAttention(Adapter):
         return sample, timestep
 
     @staticmethod
-    def query_input(attn: nn.Module, hidden_states: Tensor, temb: Tensor | None) -> Tensor:
-        h = hidden_states
-        if attn.spatial_norm is not None:
-            h = attn.spatial_norm(h, temb)
-        if h.ndim == 4:
-            b, c, hh, ww = h.shape
-            h = h.view(b, c, hh * ww).transpose(1, 2)  # (n, N, dim)
-        if attn.group_norm is not None:
-            h = attn.group_norm(h.transpose(1, 2)).transpose(1, 2)
-        return h
+    def text_input(args: tuple, kwargs: dict) -> Tensor | None:
+        return args[2] if len(args) > 2 else kwargs.get("encoder_hidden_states")
 
 
-ADAPTERS: tuple[type[Adapter], ...] = (UNetCrossAttention,)
+def _named(denoiser: nn.Module, wanted) -> dict[str, nn.Module]:
+    """``{processor key: module}`` of the attention modules for which ``wanted(module_name, module)`` holds."""
+    processors = getattr(denoiser, "attn_processors", None) or {}
+    return {f"{name}.processor": module for name, module in denoiser.named_modules()
+            if f"{name}.processor" in processors and wanted(name, module)}
+
+
+class PixArtAdapter(Adapter):
+    """DiT cross-attention (PixArt-alpha/Sigma): the blocks' cross-attention over the projected T5 context, with
+    the padding mask as a score bias."""
+
+    family = "DiT cross-attention (PixArt-alpha, PixArt-Sigma)"
+
+    @classmethod
+    def matches(cls, pipe) -> bool:
+        return type(getattr(pipe, "transformer", None)).__name__ == "PixArtTransformer2DModel"
+
+    @staticmethod
+    def layers(denoiser: nn.Module) -> dict[str, nn.Module]:
+        found = _named(denoiser, lambda name, m: getattr(m, "is_cross_attention", False))
+        if not found:
+            raise ValueError(f"{type(denoiser).__name__} has no cross-attention layer to read")
+        return found
+
+    @staticmethod
+    def text_dim(denoiser: nn.Module) -> int:
+        # keys read the caption projection's output, the blocks' width
+        return int(denoiser.config.num_attention_heads * denoiser.config.attention_head_dim)
+
+
+class SD3Adapter(Adapter):
+    """Joint attention ``[image; text]`` (SD3, SD3.5): every ``Attention`` with added key projections; SD3.5's
+    image-only attention (no ``add_k_proj``) is not text-conditioned and is left out."""
+
+    family = "joint attention (Stable Diffusion 3, 3.5)"
+    linear_keys = False
+
+    @classmethod
+    def matches(cls, pipe) -> bool:
+        return type(getattr(pipe, "transformer", None)).__name__ == "SD3Transformer2DModel"
+
+    @staticmethod
+    def layers(denoiser: nn.Module) -> dict[str, nn.Module]:
+        return _named(denoiser, lambda name, m: getattr(m, "add_k_proj", None) is not None)
+
+    @staticmethod
+    def kind(name: str, module: nn.Module) -> LayerKind:
+        return _JOINT
+
+    @staticmethod
+    def text_segments(pipe) -> tuple[str, ...]:
+        # CLIP columns (both CLIP encoders side by side, one set of tokens), then T5's
+        return ("tokenizer", "tokenizer_3") if getattr(pipe, "tokenizer_3", None) is not None else ("tokenizer",)
+
+    @staticmethod
+    def text_dim(denoiser: nn.Module) -> int:
+        return int(denoiser.config.joint_attention_dim)
+
+
+class FluxAdapter(Adapter):
+    """Joint attention ``[text; image]`` (Flux): double-stream blocks (added key projections) and single-stream
+    blocks (one sequence whose first ``T`` rows are text), all with RoPE."""
+
+    family = "joint attention with single-stream blocks (Flux)"
+    linear_keys = False
+    branch_calls = True
+
+    @classmethod
+    def matches(cls, pipe) -> bool:
+        return type(getattr(pipe, "transformer", None)).__name__ == "FluxTransformer2DModel"
+
+    @staticmethod
+    def layers(denoiser: nn.Module) -> dict[str, nn.Module]:
+        singles = {f"{n}.attn" for n, m in denoiser.named_modules() if type(m).__name__ == "FluxSingleTransformerBlock"}
+        return _named(denoiser, lambda name, m: getattr(m, "add_k_proj", None) is not None or name in singles)
+
+    @staticmethod
+    def kind(name: str, module: nn.Module) -> LayerKind:
+        return _JOINT if getattr(module, "add_k_proj", None) is not None else _SINGLE
+
+    @staticmethod
+    def text_segments(pipe) -> tuple[str, ...]:
+        return ("tokenizer_2",)  # T5; CLIP gives only the pooled vector
+
+    @staticmethod
+    def text_dim(denoiser: nn.Module) -> int:
+        return int(denoiser.config.joint_attention_dim)
+
+    @staticmethod
+    def latent_size(sample: Tensor, kwargs: dict) -> tuple[int, int]:
+        ids = kwargs.get("img_ids")  # (N, 3) positions (0, row, col) of the packed 2x2 latent patches
+        if ids is None:
+            raise ValueError("the Flux transformer was called without img_ids: cannot place its image tokens")
+        ids = ids.reshape(-1, ids.shape[-1])
+        rows, cols = int(ids[:, 1].max()) + 1, int(ids[:, 2].max()) + 1
+        return 2 * rows, 2 * cols
+
+
+ADAPTERS: tuple[type[Adapter], ...] = (UNetCrossAttention, PixArtAdapter, SD3Adapter, FluxAdapter)
 """The supported attention families, tried in order."""
 
 

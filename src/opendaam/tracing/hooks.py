@@ -15,6 +15,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 
+import torch
 from torch import Tensor, nn
 
 __all__ = ["GenerationClock", "ProcessorHooks", "StepInfo", "TextCall", "TextEncoderHooks", "quiet_text_hooks"]
@@ -44,8 +45,14 @@ def _quiet() -> bool:
     return getattr(_QUIET, "depth", 0) > 0
 
 
+_CALL_NAMES = ("encoder_hidden_states", "attention_mask", "temb", "image_rotary_emb")
+"""Processor arguments a recorder may read besides ``attn`` and ``hidden_states``."""
+
+
 class _RecordingProcessor:
-    """Runs the original processor, then hands the layer's inputs to ``observe``."""
+    """Runs the original processor, then hands the layer's inputs (by name) to ``observe``."""
+
+    positional: tuple[str, ...] = ("encoder_hidden_states", "attention_mask", "temb")  # AttnProcessor2_0's order
 
     def __init__(self, inner, name: str, observe: Callable):
         self.inner = inner
@@ -54,26 +61,30 @@ class _RecordingProcessor:
 
     def __call__(self, attn, hidden_states, *args, **kwargs):
         out = self.inner(attn, hidden_states, *args, **kwargs)
-        encoder_hidden_states = kwargs.get("encoder_hidden_states", args[0] if args else None)
-        temb = kwargs.get("temb", args[2] if len(args) > 2 else None)
-        self.observe(self.name, attn, hidden_states, encoder_hidden_states, temb)
+        inputs = {k: kwargs[k] for k in _CALL_NAMES if k in kwargs}
+        inputs.update((k, v) for k, v in zip(self.positional, args, strict=False) if k in _CALL_NAMES)
+        self.observe(self.name, attn, hidden_states, inputs)
         return out
 
 
 def wrap_processor(inner, name: str, observe: Callable):
-    """A processor that runs ``inner`` unchanged, then calls ``observe``; its signature mirrors ``inner``'s
-    (diffusers drops keyword arguments that a processor's signature does not name)."""
+    """A processor that runs ``inner`` unchanged, then calls ``observe(name, attn, hidden_states, inputs)``; its
+    signature mirrors ``inner``'s (diffusers drops keyword arguments that a processor's signature does not name),
+    and positional arguments are read by the names ``inner`` gives them."""
     base = _RecordingProcessor
     try:
         signature = inspect.signature(type(inner).__call__)
     except (TypeError, ValueError):
         return base(inner, name, observe)
+    params = [p for p in signature.parameters.values()
+              if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)][3:]  # after self, attn, hidden_states
 
     def __call__(self, attn, hidden_states, *args, **kwargs):
         return base.__call__(self, attn, hidden_states, *args, **kwargs)
 
     __call__.__signature__ = signature
-    cls = type(f"Recording{type(inner).__name__}", (base,), {"__call__": __call__})
+    cls = type(f"Recording{type(inner).__name__}", (base,), {"__call__": __call__,
+                                                              "positional": tuple(p.name for p in params)})
     return cls(inner, name, observe)
 
 
@@ -120,8 +131,9 @@ class StepInfo:
     """What the clock says of one denoiser call."""
 
     new_generation: bool  # the call starts a new pipeline call (new timesteps, or another batch)
-    step: int  # call index within the generation (0 = first)
-    rows: slice | None  # the conditional rows to record, None when this step is not recorded
+    step: int  # step index within the generation (0 = first)
+    rows: slice | None  # the conditional rows to record, None when this call is not recorded
+    branch: str = "conditional"  # "unconditional" for true CFG's second call of a step
 
 
 class GenerationClock:
@@ -129,31 +141,40 @@ class GenerationClock:
 
     A new generation starts when the scheduler's timesteps tensor is another object (the pipeline called
     ``set_timesteps`` again) or the batch changes. With classifier-free guidance in one batch, the conditional
-    rows are the second half (diffusers' order ``[uncond; cond]``).
+    rows are the second half (diffusers' order ``[uncond; cond]``); pipelines that do not say whether they guide
+    (PixArt, Flux) guide in one batch exactly when its two halves hold the same latents. A second call at the same
+    timestep is true CFG's unconditional branch in families that call the denoiser once per branch (Flux calls the
+    conditional branch first): not a step, not recorded. (Elsewhere a repeated timestep is a step of its own: Heun's
+    scheduler evaluates each timestep twice.)
     """
 
-    def __init__(self, pipe, steps: tuple[int, ...] | None):
+    def __init__(self, pipe, steps: tuple[int, ...] | None, branches: bool = False):
         self.pipe = pipe
         self.steps = steps
+        self.branches = branches  # the family may call the denoiser once per guidance branch (Flux true CFG)
         self.timesteps = None
         self.expected = None  # batch of the running generation
         self.step = -1
         self.cfg = False
         self.images = 0
+        self.last_t = None  # timestep of the previous call
 
-    def tick(self, sample: Tensor) -> StepInfo:
-        """Advance by one denoiser call on ``sample`` ``(batch, ...)``."""
+    def tick(self, sample: Tensor, t: float | None = None) -> StepInfo:
+        """Advance by one denoiser call on ``sample`` ``(batch, ...)`` at timestep ``t``."""
         timesteps = getattr(getattr(self.pipe, "scheduler", None), "timesteps", None)
         new = timesteps is not self.timesteps or self.expected is None or sample.shape[0] != self.expected
         if new:
             self.timesteps = timesteps
-            self.cfg = bool(getattr(self.pipe, "do_classifier_free_guidance", False))
             batch = sample.shape[0]
+            self.cfg = _guides_in_batch(self.pipe, sample)
             if self.cfg and batch % 2:
                 raise ValueError(f"classifier-free guidance with an odd denoiser batch ({batch}); cannot split it")
             self.images = batch // 2 if self.cfg else batch
             self.expected = batch
             self.step = -1
+        elif self.branches and t is not None and t == self.last_t:  # true CFG: the step's unconditional branch
+            return StepInfo(new_generation=False, step=self.step, rows=None, branch="unconditional")
+        self.last_t = t
         self.step += 1
         recorded = self.steps is None or self.step in self.steps
         rows = slice(sample.shape[0] - self.images, sample.shape[0]) if recorded else None
@@ -162,6 +183,16 @@ class GenerationClock:
     def end(self) -> None:
         """Forget the running generation (the next call starts a new one)."""
         self.expected = None
+        self.last_t = None
+
+
+def _guides_in_batch(pipe, sample: Tensor) -> bool:
+    """Whether the pipeline runs classifier-free guidance in one batch ``[uncond; cond]``."""
+    says = getattr(type(pipe), "do_classifier_free_guidance", None)
+    if isinstance(says, property):
+        return bool(pipe.do_classifier_free_guidance)
+    half = sample.shape[0] // 2
+    return sample.shape[0] % 2 == 0 and half > 0 and torch.equal(sample[:half], sample[half:])
 
 
 @dataclass

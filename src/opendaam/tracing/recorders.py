@@ -41,6 +41,7 @@ class LayerBatch:
     context: Tensor  # (n, T, text_dim) the conditional text states
     keys: Tensor  # (n, heads, T, head_dim) float32 keys times the layer's scale and log2(e)
     positions: list[int]  # the steps' rows in per-step buffers
+    bias: Tensor | None = None  # (n, T) additive score bias in log2 units (PixArt's padding mask)
 
 
 @dataclass(frozen=True)
@@ -68,8 +69,11 @@ def probability_chunks(batch: LayerBatch):
     keys = batch.keys
     shift = not scores_bounded(qf, keys)  # else exp2 can neither overflow nor empty the sum unshifted
     chunk = max(1, _SOFTMAX_FLOATS // (n * heads * keys.shape[-2] * pixels))
+    bias = None if batch.bias is None else batch.bias[:, None, :, None]  # (n, 1, T, 1)
     for i in range(0, k, chunk):
         scores = torch.matmul(keys, qf[i : i + chunk].transpose(-1, -2))  # (c, n, heads, T, N)
+        if bias is not None:
+            scores += bias  # masked tokens: exp2 of about -14427 is 0, as in the model's float32 softmax
         yield token_softmax_(scores, shift)
 
 

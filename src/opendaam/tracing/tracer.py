@@ -19,8 +19,8 @@ from dataclasses import asdict, dataclass, replace
 import torch
 from torch import Tensor
 
-from opendaam.attention import LOG2E, UPSAMPLE_MODES, image_queries, key_linear, text_keys
-from opendaam.tracing.adapters import adapter_for
+from opendaam.attention import LOG2E, UPSAMPLE_MODES
+from opendaam.tracing.adapters import LayerCall, adapter_for
 from opendaam.tracing.hooks import GenerationClock, ProcessorHooks, TextCall, TextEncoderHooks
 from opendaam.tracing.recorders import Finish, LayerBatch, probability_chunks, recorders_for
 from opendaam.tracing.records import LayerInfo, Record
@@ -36,7 +36,7 @@ class TraceConfig:
     daam_per_step: bool = False  # per-step DAAM costs steps x the memory; the query cache can recompute it
     queries: bool = False  # the open-vocabulary query cache is ~0.7 GB per 512 px image: opt in
     query_dtype: str = "float16"  # "float16" keeps maps exact to ~1e-3; "int8" halves memory again
-    linear: bool = True  # the linear map matrix M is 4 MB at 256 px and makes any word's map one matmul
+    linear: bool | None = None  # M (4 MB at 256 px, any word's map in one matmul) wherever keys are linear in the text
     linear_layers: bool = False  # per-layer query sums allow layer/head selection of linear maps (~3x M)
     layers: tuple[str, ...] | None = None  # names or name prefixes of the layers to record; None is all
     steps: tuple[int, ...] | None = None  # U-Net call indices to record (0 = first); None is all
@@ -48,7 +48,7 @@ class TraceConfig:
             raise ValueError(f"query_dtype must be float16, bfloat16, float32 or int8, not {self.query_dtype!r}")
         if self.upsample not in UPSAMPLE_MODES:
             raise ValueError(f"upsample must be one of {', '.join(UPSAMPLE_MODES)}, not {self.upsample!r}")
-        if not (self.daam or self.daam_per_step or self.queries or self.linear):
+        if not (self.daam or self.daam_per_step or self.queries or self.linear is not False):
             raise ValueError("nothing to record: enable at least one of daam, daam_per_step, queries, linear")
 
 
@@ -69,6 +69,8 @@ class _StepBuffer:
         self.attn = None
         self.context: Tensor | None = None
         self.keys: Tensor | None = None
+        self.bias: Tensor | None = None
+        self.call: LayerCall | None = None
 
 
 class Tracer:
@@ -83,10 +85,18 @@ class Tracer:
     def __init__(self, pipe, config: TraceConfig, prompt: str | Sequence[str] | None = None,
                  meta: dict | None = None):
         self.pipe = pipe
-        self.config = config
         self.adapter = adapter_for(pipe)
+        if config.linear is None:
+            config = replace(config, linear=self.adapter.linear_keys)
+        elif (config.linear or config.linear_layers) and not self.adapter.linear_keys:
+            raise ValueError(
+                f"linear maps need keys that are linear in one text context shared by all layers; in "
+                f"{self.adapter.family} later blocks' text states depend on the image. Trace without linear=True "
+                "(daam and open_vocab work)")
+        self.config = config
         self.denoiser = self.adapter.denoiser(pipe)
         self.layers = _select_layers(self.adapter.layers(self.denoiser), config.layers)
+        self.kinds = {name: self.adapter.kind(name, module) for name, module in self.layers.items()}
         self.recorders = recorders_for(config)
         self._prob_users = [r for r in self.recorders if r.uses_probs]
         self._name(prompt, meta)
@@ -94,7 +104,9 @@ class Tracer:
         self._made = 0
         self._open = False  # a generation's accumulators are open
         self._gen_meta: dict = {}
-        self._clock = GenerationClock(pipe, config.steps)
+        self._clock = GenerationClock(pipe, config.steps, branches=self.adapter.branch_calls)
+        self._text_len = 0  # text tokens of the current denoiser call
+        self._gen_text: Tensor | None = None  # (n, T, D) conditional text input of the generation's first call
         self._rows: slice | None = None
         self._hooks: ProcessorHooks | None = None
         self._text: TextEncoderHooks | None = None
@@ -121,18 +133,25 @@ class Tracer:
     def _on_call(self, module, args, kwargs) -> None:
         """Start a step: learn the latent shape, timestep and which batch rows are conditional."""
         sample, timestep = self.adapter.sample(args, kwargs)
-        tick = self._clock.tick(sample)
+        t = timestep.flatten()[0].item() if isinstance(timestep, Tensor) else _float_or_none(timestep)
+        tick = self._clock.tick(sample, t)
+        text = self.adapter.text_input(args, kwargs)
+        self._text_len = int(text.shape[1]) if isinstance(text, Tensor) and text.ndim == 3 else 0
+        if tick.branch != "conditional":
+            self._rows = None
+            return
         if tick.new_generation or not self._open:
             self._finish_generation(end_clock=False)  # the clock already runs the new generation
-            self._start_generation(sample)
-        t = timestep.flatten()[0].item() if isinstance(timestep, Tensor) else float(timestep)
+            self._start_generation(sample, kwargs)
+            rows = slice(sample.shape[0] - self._images, sample.shape[0])
+            self._gen_text = text[rows].detach().clone() if isinstance(text, Tensor) else None
         self._gen_meta["timesteps"].append(t)
         self._gen_meta["calls"] = tick.step + 1
         if tick.rows is not None:
             self._gen_meta["steps"].append(tick.step)
         self._rows = tick.rows
 
-    def _start_generation(self, sample: Tensor) -> None:
+    def _start_generation(self, sample: Tensor, kwargs: dict) -> None:
         """Open accumulators for the images of a new pipeline call."""
         images = self._images = self._clock.images
         self._cfg = self._clock.cfg
@@ -150,7 +169,7 @@ class Tracer:
         for recorder in self.recorders:
             recorder.start(images, self._capacity)
         self._open = True
-        h, w = sample.shape[-2:]
+        h, w = self.adapter.latent_size(sample, kwargs)
         scale = int(getattr(self.pipe, "vae_scale_factor", 8))
         self._gen_meta = {
             "latent_size": [int(h), int(w)],
@@ -169,6 +188,7 @@ class Tracer:
             "scheduled_calls": len(scheduled) if scheduled is not None else None,
             "trace_config": asdict(self.config),
             "text_dim": self.adapter.text_dim(self.denoiser),
+            "family": self.adapter.family,
         }
 
     def _finish_generation(self, interrupted: bool = False, end_clock: bool = True) -> None:
@@ -196,20 +216,23 @@ class Tracer:
         self._open = False
         self._key_cache = {}  # drop the references to this generation's text states
         self._text_calls = []
+        self._gen_text = None
 
     # -- recording inside a layer -------------------------------------------------------------------
-    def _observe(self, name: str, attn, hidden_states: Tensor, encoder_hidden_states: Tensor,
-                 temb: Tensor | None) -> None:
+    def _observe(self, name: str, attn, hidden_states: Tensor, inputs: dict) -> None:
         """Buffer one layer's conditional query inputs of the current step; :meth:`_flush` computes from them."""
         rows = self._rows
-        if rows is None or encoder_hidden_states is None:
+        kind = self.kinds[name]
+        call = LayerCall(hidden_states=hidden_states, encoder_hidden_states=inputs.get("encoder_hidden_states"),
+                         attention_mask=inputs.get("attention_mask"), temb=inputs.get("temb"),
+                         rotary=inputs.get("image_rotary_emb"), text_len=self._text_len)
+        if rows is None or (call.encoder_hidden_states is None and not kind.joint):
             return
         if torch.is_grad_enabled():  # pipelines run without gradients; a decorator would cost every call
             with torch.no_grad():
-                return self._observe(name, attn, hidden_states, encoder_hidden_states, temb)
-        h = self.adapter.query_input(attn, hidden_states[rows], temb[rows] if temb is not None else None)
-        # h: (n, N, dim) the layer's query input for the conditional rows
-        context, keys = self._context_keys(name, attn, encoder_hidden_states)
+                return self._observe(name, attn, hidden_states, inputs)
+        h = kind.query_input(attn, call, rows)  # (n, N, dim) the layer's query input for the conditional rows
+        context, keys, bias = self._context_keys(name, attn, call)
         position = len(self._gen_meta["steps"]) - 1  # this step's row in the per-step buffers
         buf = self._buffers.get(name)
         if buf is not None and (buf.shape != h.shape or buf.dtype != h.dtype):
@@ -222,14 +245,14 @@ class Tracer:
             step_bytes = h.numel() * h.element_size()
             steps = max(1, min(self._capacity, _BUFFER_BYTES // max(step_bytes, 1)))
             if steps == 1:  # a large layer: nothing to batch, compute from the layer's own tensor
-                self._compute(name, attn, h[None], context, keys, [position])
+                self._compute(name, attn, h[None], context, keys, bias, call, [position])
                 return
             buf = _StepBuffer(torch.empty((steps, *h.shape), dtype=h.dtype, device=h.device))
             self._buffers[name] = buf
         buf.rows[buf.count].copy_(h)
         buf.count += 1
         buf.positions.append(position)
-        buf.attn, buf.context, buf.keys = attn, context, keys
+        buf.attn, buf.context, buf.keys, buf.bias, buf.call = attn, context, keys, bias, call
 
     def _flush(self, name: str | None = None) -> None:
         """Compute what the buffered steps of one layer (all layers when ``name`` is None) contribute."""
@@ -237,19 +260,21 @@ class Tracer:
             buf = self._buffers.get(key)
             if buf is None or not buf.count:
                 continue
-            self._compute(key, buf.attn, buf.hidden[: buf.count], buf.context, buf.keys, buf.positions)
-            buf.count, buf.positions, buf.context, buf.keys = 0, [], None, None
+            self._compute(key, buf.attn, buf.hidden[: buf.count], buf.context, buf.keys, buf.bias, buf.call,
+                          buf.positions)
+            buf.count, buf.positions, buf.context, buf.keys, buf.bias, buf.call = 0, [], None, None, None, None
 
     @torch.no_grad()
-    def _compute(self, name: str, attn, h: Tensor, context: Tensor, keys: Tensor, positions: list[int]) -> None:
+    def _compute(self, name: str, attn, h: Tensor, context: Tensor, keys: Tensor, bias: Tensor | None,
+                 call: LayerCall, positions: list[int]) -> None:
         """Hand ``k`` steps of one layer to the recorders; ``h`` is ``(k, n, N, dim)``, ``positions`` the steps'
         rows in the per-step buffers."""
-        flat, q = image_queries(attn, h)  # (k, n, N, inner), (k, n, heads, N, head_dim)
+        flat, q = self.kinds[name].queries(attn, h, call)  # (k, n, N, inner), (k, n, heads, N, head_dim)
         _, _, heads, pixels, head_dim = q.shape
         if name not in self._layer_info:
             self._layer_info[name] = self._describe(name, attn, pixels, heads, head_dim)
         batch = LayerBatch(name=name, attn=attn, info=self._layer_info[name], flat=flat, q=q, context=context,
-                           keys=keys, positions=positions)
+                           keys=keys, positions=positions, bias=bias)
         if self._prob_users:
             for probs in probability_chunks(batch):  # (c, n, heads, T, N), a few steps at a time, in cache
                 for recorder in self._prob_users:
@@ -257,27 +282,35 @@ class Tracer:
         for recorder in self.recorders:
             recorder.add(batch)
 
-    def _context_keys(self, name: str, attn, encoder_hidden_states: Tensor) -> tuple[Tensor, Tensor]:
-        """The conditional rows' text states ``(n, T, text_dim)`` and keys ``(n, heads, T, head_dim)`` scaled
-        by the layer's softmax scale and log2(e), computed once per generation while the pipeline passes the same,
-        unmodified text-state tensor (a held reference, so its identity cannot be reused)."""
+    def _context_keys(self, name: str, attn, call: LayerCall) -> tuple[Tensor, Tensor, Tensor | None]:
+        """The conditional text states ``(n, T, D)`` to record, the keys ``(n, heads, T, head_dim)`` scaled by the
+        layer's softmax scale and log2(e), and the score bias ``(n, T)`` in log2 units, computed once per
+        generation while the pipeline passes the same, unmodified text tensor (a held reference, so its identity
+        cannot be reused). Joint attention reads a new text stream every step; its record keeps the denoiser's
+        text input."""
+        source = call.encoder_hidden_states if call.encoder_hidden_states is not None else call.hidden_states
         cached = self._key_cache.get(name)
-        if (cached is not None and cached[0] is encoder_hidden_states
-                and cached[1] == encoder_hidden_states._version and cached[2] == self._rows):
-            return cached[3], cached[4]
-        context = encoder_hidden_states[self._rows]  # (n, T, text_dim)
-        k = text_keys(attn, context, exact_module=True)  # (n, heads, T, head_dim)
-        keys = (k.float() * (attn.scale * LOG2E)).contiguous()
-        self._key_cache[name] = (encoder_hidden_states, encoder_hidden_states._version, self._rows, context, keys)
-        return context, keys
+        if (cached is not None and cached[0] is source and cached[1] == source._version
+                and cached[2] == self._rows):
+            return cached[3], cached[4], cached[5]
+        kind = self.kinds[name]
+        states = kind.text_states(attn, call, self._rows)  # (n, T, D)
+        k = kind.keys(attn, states, call, exact_module=True)  # (n, heads, T, head_dim)
+        keys = (k.float() * (kind.scale(attn) * LOG2E)).contiguous()
+        bias = kind.score_bias(call, self._rows)
+        bias = None if bias is None else (bias * LOG2E).contiguous()  # (n, T)
+        context = self._gen_text if kind.joint and self._gen_text is not None else states
+        self._key_cache[name] = (source, source._version, self._rows, context, keys, bias)
+        return context, keys, bias
 
     def _describe(self, name: str, attn, pixels: int, heads: int, head_dim: int) -> LayerInfo:
         """Geometry of a layer from the latent size of this generation and the layer's query count."""
         lh, lw = self._gen_meta["latent_size"]
         height, width = _layer_shape(lh, lw, pixels, name)
+        kind = self.kinds[name]
         return LayerInfo(
-            name=name, heads=heads, head_dim=head_dim, scale=float(attn.scale), height=height, width=width,
-            key_bias=attn.to_k.bias is not None, key_linear=key_linear(attn),
+            name=name, heads=heads, head_dim=head_dim, scale=kind.scale(attn), height=height, width=width,
+            key_bias=attn.to_k.bias is not None, key_linear=kind.key_linear(attn),
         )
 
     def _to_record(self, finish: Finish, index: int, row: int) -> Record:
@@ -288,38 +321,33 @@ class Tracer:
         record = Record(meta=meta, layers=dict(finish.layers))
         for recorder in self.recorders:
             recorder.fill(record, row, finish)
-        prompt, ids, tokens = self._prompt_of(row, record.context)
-        if prompt is not None:
-            meta["prompt"] = prompt
-        if ids is not None:
-            meta["token_ids"], meta["tokens"] = ids, tokens
+        meta.update(self._prompt_of(row))
         return record
 
     # -- naming prompts ----------------------------------------------------------------------------
-    def _prompt_of(self, row: int, context: Tensor | None) -> tuple[str | None, list[int] | None, list[str] | None]:
-        """Prompt text, token ids and token strings of image ``row`` of the running generation.
+    def _prompt_of(self, row: int) -> dict:
+        """``prompt``, ``token_ids`` and ``tokens`` (the context's first token columns) and ``segments`` (every
+        tokenizer's columns, e.g. SD3's CLIP then T5) of image ``row`` of the running generation, as far as known.
 
-        What the text encoder was called with wins; a prompt named with ``trace(prompt=...)`` or :meth:`next`
-        fills in when the pipeline was given ``prompt_embeds`` (it is checked against the encoder's call when
-        there is one)."""
+        What the text encoders were called with wins; a prompt named with ``trace(prompt=...)`` or :meth:`next`
+        fills in when the pipeline was given ``prompt_embeds`` (and is checked against the encoders' calls when
+        there are some)."""
         images = self._images
-        captured = _conditional_call(self._text_calls, self._cfg, context)
-        seen = None
-        if captured is not None and captured.input_ids.shape[0]:
-            per = max(1, images // captured.input_ids.shape[0])
-            seen = _trim_ids(self.pipe.tokenizer, captured.input_ids[min(row // per, captured.input_ids.shape[0] - 1)])
+        text = self._gen_text[row] if self._gen_text is not None else None  # (T, D) the denoiser's text input
+        seen = _captured_segments(self.pipe, self.adapter, self._text_calls, self._cfg, text, row, images)
+        named = None
         if self.prompts is not None:
             k = row // (images // len(self.prompts))
-            ids, tokens = self._prompt_tokens[k]
-            if seen is None or seen == ids:
-                return self.prompts[k], ids, tokens
+            named = self._named_segments[k]
+            if not seen or [s["token_ids"] for s in seen] == [s["token_ids"] for s in named[: len(seen)]]:
+                return _prompt_meta(self.prompts[k], named)
             warnings.warn(
                 f"the prompt named for this trace ({self.prompts[k]!r}) is not what the pipeline encoded "
-                f"({self.pipe.tokenizer.decode(seen[1:-1])!r}); the record uses the encoded prompt. Name each "
+                f"({_decode(self.pipe, seen[0])!r}); the record uses the encoded prompt. Name each "
                 "call's prompt with tracer.next(prompt=...), or leave prompt= out", UserWarning, stacklevel=2)
-        if seen is None:
-            return None, None, None
-        return self.pipe.tokenizer.decode(seen[1:-1]), seen, self.pipe.tokenizer.convert_ids_to_tokens(seen)
+        if not seen:
+            return {}
+        return _prompt_meta(_decode(self.pipe, seen[0]), seen)
 
     @property
     def records(self) -> list[Record]:
@@ -352,7 +380,7 @@ class Tracer:
         """Set the prompts (tokenized, checked against the 77-token limit) and metadata of coming records."""
         self.prompts = [prompt] if isinstance(prompt, str) else (list(prompt) if prompt is not None else None)
         if self.prompts is not None:
-            self._prompt_tokens = [tokenize_prompt(self.pipe, p) for p in self.prompts]
+            self._named_segments = [_named_segments(self.pipe, self.adapter, p) for p in self.prompts]
         self.extra_meta = dict(meta or {})
 
     def pop_records(self) -> list[Record]:
@@ -362,24 +390,85 @@ class Tracer:
         return taken
 
 
-def _conditional_call(calls: list[TextCall], cfg: bool, context: Tensor | None) -> TextCall | None:
-    """The first text encoder's call that encoded the conditional prompt, among a generation's calls.
+def _tokenizer_of(pipe, segment: str):
+    """The tokenizer a context segment's columns come from (``"tokenizer"``, ``"tokenizer_2"``, ...)."""
+    return getattr(pipe, segment)
 
-    The call one of whose states (last or hidden) holds the conditional context's first columns is it. Where no
-    state matches (a pipeline that transforms them, such as clip_skip's final norm), diffusers' order decides:
-    the prompt is encoded before the negative prompt, so the first call is the prompt's unless guidance is on and
-    there was only one call (then it may be the negative prompt's, with ``prompt_embeds`` given: unknown)."""
-    first = [c for c in calls if c.encoder == 0]
-    if context is not None:
-        for call in first:
+
+def _segment(pipe, tokenizer_name: str, offset: int, ids: list[int]) -> dict:
+    """One tokenizer's columns of the context: where they start, the ids and the token strings."""
+    tokenizer = _tokenizer_of(pipe, tokenizer_name)
+    return {"tokenizer": tokenizer_name, "offset": offset, "token_ids": ids,
+            "tokens": tokenizer.convert_ids_to_tokens(ids)}
+
+
+def _prompt_meta(prompt: str, segments: list[dict]) -> dict:
+    """Record metadata naming a prompt: the first segment as ``token_ids``/``tokens``, all as ``segments``."""
+    return {"prompt": prompt, "token_ids": segments[0]["token_ids"], "tokens": segments[0]["tokens"],
+            "segments": segments}
+
+
+def _decode(pipe, segment: dict) -> str:
+    """The text of a segment's ids, without special tokens."""
+    return _tokenizer_of(pipe, segment["tokenizer"]).decode(segment["token_ids"], skip_special_tokens=True).strip()
+
+
+def _named_segments(pipe, adapter, prompt: str) -> list[dict]:
+    """Every segment of a prompt given by name: its ids from each tokenizer of the context (the first checked
+    against the encoder's length limit)."""
+    names = adapter.text_segments(pipe)
+    ids, _ = tokenize_prompt(pipe, prompt, names[0])
+    segments = [_segment(pipe, names[0], 0, ids)]
+    offset = _tokenizer_of(pipe, names[0]).model_max_length
+    for name in names[1:]:
+        tokenizer = _tokenizer_of(pipe, name)
+        segments.append(_segment(pipe, name, offset, tokenizer(prompt, truncation=True).input_ids))
+        offset += tokenizer.model_max_length
+    return segments
+
+
+def _captured_segments(pipe, adapter, calls: list[TextCall], cfg: bool, text: Tensor | None, row: int,
+                       images: int) -> list[dict]:
+    """The segments of image ``row``'s conditional prompt, found among a generation's text encoder calls.
+
+    A call one of whose states (last or hidden) holds the denoiser's text input at a segment's columns is that
+    segment's. Where no state matches (a pipeline that transforms them, such as clip_skip's final norm), diffusers'
+    order decides the first segment: the prompt is encoded before the negative prompt, so the first call is the
+    prompt's unless guidance is on and there was only one call (then it may be the negative prompt's, with
+    ``prompt_embeds`` given: unknown)."""
+    names = adapter.text_segments(pipe)
+    segments, offset = [], 0
+    for name in names:
+        encoder = _ENCODER_OF[name]
+        found = None
+        for call in (c for c in calls if c.encoder == encoder) if text is not None else ():
             for states in call.states:
-                width = states.shape[-1]
-                if states.shape[-2] == context.shape[0] and width <= context.shape[1] and any(
-                        torch.equal(row.float(), context[:, :width]) for row in states):
-                    return call
-    if not first or (cfg and len(first) < 2):
-        return None
-    return first[0]
+                length, width = states.shape[-2:]
+                if offset + length > text.shape[0] or width > text.shape[1]:
+                    continue
+                block = text[offset : offset + length, :width]
+                match = [b for b in range(states.shape[0]) if torch.equal(states[b].float(), block.float())]
+                if match:
+                    found = call.input_ids[match[0]]
+                    break
+            if found is not None:
+                break
+        if found is None and not segments:
+            first = [c for c in calls if c.encoder == encoder]
+            if not first or (cfg and len(first) < 2):
+                return []
+            ids = first[0].input_ids
+            found = ids[min(row // max(1, images // ids.shape[0]), ids.shape[0] - 1)]
+        if found is None:
+            break
+        tokenizer = _tokenizer_of(pipe, name)
+        segments.append(_segment(pipe, name, offset, _trim_ids(tokenizer, found)))
+        offset += len(found)
+    return segments
+
+
+_ENCODER_OF = {"tokenizer": 0, "tokenizer_2": 1, "tokenizer_3": 2}
+"""The text encoder each tokenizer feeds (``text_encoder``, ``text_encoder_2``, ``text_encoder_3``)."""
 
 
 def _trim_ids(tokenizer, ids: Tensor) -> list[int]:
@@ -414,9 +503,16 @@ def _select_layers(layers: dict, selectors: Sequence[str] | None) -> dict:
     return {n: layers[n] for n in layers if n in chosen}
 
 
-def tokenize_prompt(pipe, prompt: str) -> tuple[list[int], list[str]]:
-    """Token ids and strings of ``prompt`` (start and end included); error past the model's 77 tokens."""
-    tokenizer = pipe.tokenizer
+def tokenize_prompt(pipe, prompt: str, tokenizer: str = "tokenizer") -> tuple[list[int], list[str]]:
+    """Token ids and strings of ``prompt`` (start and end included) by one of the pipeline's tokenizers; error
+    past the encoder's length (77 tokens for CLIP).
+
+    Example:
+        >>> from opendaam.models import build_pipeline
+        >>> tokenize_prompt(build_pipeline("tiny"), "a car")[1]
+        ['<|startoftext|>', 'a</w>', 'car</w>', '<|endoftext|>']
+    """
+    tokenizer = getattr(pipe, tokenizer)
     ids = tokenizer(prompt, truncation=False).input_ids
     limit = tokenizer.model_max_length
     if len(ids) > limit:
