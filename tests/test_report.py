@@ -86,3 +86,20 @@ def test_report_of_other_folder_and_errors(tmp_path):
         write_html(tmp_path / "empty" if (tmp_path / "empty").mkdir() is None else None)
     with pytest.raises(FileNotFoundError, match="no folder"):
         write_html(tmp_path / "missing")
+
+
+def test_report_of_dataset_folder(tiny_pipe, tmp_path):
+    from opendaam.dataset import expand_items, generate, parse_spec
+
+    spec = parse_spec({"classes": [{"name": "car", "prompts": ["a {} on a street"]}, {"name": "tree"}],
+                       "prompts": ["a {car} next to a {tree}"], "seeds": [0, 1], "steps": 1, "height": 32,
+                       "width": 32})
+    generate(spec, tmp_path, pipe=tiny_pipe, threads=1, progress=False, finalize=False)
+    page, text = _parse(write_html(tmp_path, limit=1))
+    images = _check_self_contained(page, text)
+    finished = sum(len(path.read_text().splitlines()) for path in (tmp_path / "shards").glob("*.jsonl"))
+    assert len(images) == 1 and finished == len(expand_items(spec)) and f"items (1 of {finished})" in text
+    figure = Image.open(io.BytesIO(base64.b64decode(images[0]["src"].split(",", 1)[1]))).convert("RGB")
+    labels = np.array(Image.open(tmp_path / "labels" / "000000.png"))
+    if (labels == 1).any():  # car pixels are drawn in Cityscapes' car colour
+        assert (np.asarray(figure) == (0, 0, 142)).all(axis=-1).any()

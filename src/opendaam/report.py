@@ -2,8 +2,9 @@
 
 The page embeds every picture as a base64 PNG and uses no script, font or style sheet from elsewhere, so it
 opens offline and can be mailed as one file. It understands the folders of ``opendaam demo`` (a
-``summary.json`` with ``"images"`` and ``<name>_maps.npz``) and ``opendaam generate`` (``summary.json`` with
-``"words"``, ``image.png`` and ``maps/<word>.npy``); for any other folder with PNGs (e.g. an experiment's
+``summary.json`` with ``"images"`` and ``<name>_maps.npz``), ``opendaam generate`` (``summary.json`` with
+``"words"``, ``image.png`` and ``maps/<word>.npy``) and ``opendaam dataset generate`` (``dataset.json`` and
+the manifest: items with Cityscapes-coloured labels); for any other folder with PNGs (e.g. an experiment's
 ``curves.png`` and ``tables.md``) it shows those and the summary's top-level facts.
 
 Last layer of opendaam, beside :mod:`opendaam.viz` (which draws the pictures).
@@ -22,8 +23,9 @@ import torch
 from PIL import Image
 
 from opendaam._io import atomic_write_with
+from opendaam.dataset.io import read_manifest
 from opendaam.heatmaps import Heatmaps
-from opendaam.viz import shared_scale, word_overlay
+from opendaam.viz import label_figure, shared_scale, word_overlay
 
 __all__ = ["demo_maps", "write_html"]
 
@@ -137,6 +139,30 @@ def _generate_body(folder: Path, summary: dict, size: int) -> str:
     return "".join(parts)
 
 
+def _dataset_body(folder: Path, header: dict, size: int, limit: int) -> str:
+    """Sections of a dataset folder: its classes, then the first ``limit`` items with their coloured labels."""
+    manifest = folder / "manifest.jsonl"
+    paths = [manifest] if manifest.is_file() else sorted((folder / "shards").glob("manifest-*.jsonl"))
+    entries = sorted((e for path in paths for e in read_manifest(path)), key=lambda e: e.get("index", 0))
+    classes = header.get("classes", [])
+    parts = [_table([["items finished", len(entries)], ["spec hash", header.get("spec_hash", "")],
+                     ["opendaam", header.get("opendaam", "")]], ["fact", "value"]),
+             "<h2>classes</h2>",
+             _table([[c["id"], c["name"], c.get("cityscapes_id")] for c in classes],
+                    ["label value", "class", "Cityscapes id"])]
+    if entries:
+        shown = min(limit, len(entries))
+        parts.append(f"<h2>items ({shown} of {len(entries)})</h2>")
+    for entry in entries[:limit]:
+        image = Image.open(folder / entry["files"]["image"]).convert("RGB")
+        labels = np.array(Image.open(folder / entry["files"]["label"]))
+        masks = ", ".join(f"{m['class']} {m['area']:.1%} (confidence {m['confidence']:.2f})"
+                          for m in entry.get("masks", []))
+        caption = f"{entry['key']}: {entry['prompt']!r}, seed {entry['seed']}; {masks}"
+        parts.append(_img(label_figure(image, labels, classes=classes, size=size), entry["prompt"], caption))
+    return "".join(parts)
+
+
 def _generic_body(folder: Path, summary: dict) -> str:
     """Any other folder: its PNGs, ``tables.md`` and the summary's top-level facts."""
     parts = [_facts(summary, skip=("methods", "thresholds"))]
@@ -149,14 +175,16 @@ def _generic_body(folder: Path, summary: dict) -> str:
 
 
 def write_html(folder: str | Path, out: str | Path | None = None, title: str | None = None,
-               size: int = 256) -> Path:
-    """Write a self-contained ``index.html`` for an output folder of ``demo``, ``generate`` or another command.
+               size: int = 256, limit: int = 24) -> Path:
+    """Write a self-contained ``index.html`` for an output folder of ``demo``, ``generate``, ``dataset generate``
+    or another command.
 
     Args:
         folder: the output folder (with ``summary.json``, or at least PNG files).
         out: the HTML file (default ``folder/index.html``); written atomically.
         title: page title (default: the folder's name).
         size: longer side of the shown images and overlays in pixels.
+        limit: at most this many items of a dataset are shown.
 
     Returns:
         The path written.
@@ -173,7 +201,9 @@ def write_html(folder: str | Path, out: str | Path | None = None, title: str | N
         raise FileNotFoundError(f"no folder {folder}: pass the output folder of opendaam demo or generate")
     summary_path = folder / "summary.json"
     summary = json.loads(summary_path.read_text()) if summary_path.is_file() else {}
-    if isinstance(summary.get("images"), list):
+    if (folder / "dataset.json").is_file():
+        body = _dataset_body(folder, json.loads((folder / "dataset.json").read_text()), size, limit)
+    elif isinstance(summary.get("images"), list):
         body = _demo_body(folder, summary, size)
     elif isinstance(summary.get("words"), list) and (folder / "image.png").is_file():
         body = _generate_body(folder, summary, size)

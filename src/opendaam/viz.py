@@ -30,6 +30,7 @@ __all__ = [
     "colormap",
     "colorize_labels",
     "curves_figure",
+    "label_figure",
     "label_palette",
     "overlay_grid",
     "plot_ablation",
@@ -351,14 +352,15 @@ def word_overlay(image, maps: Heatmaps, label: str | int = 0, size: int = 256, a
 # -- label maps ------------------------------------------------------------------------------------------------
 
 
-def label_palette(ids: str = "label", classes: Sequence[str] | None = None) -> np.ndarray:
+def label_palette(ids: str = "label", classes: Sequence[str | dict] | None = None) -> np.ndarray:
     """A ``(256, 3)`` uint8 table from label value to Cityscapes colour (255, ignored, stays black).
 
     Args:
         ids: what the label values are: ``"label"`` (Cityscapes label ids, ``*_labelIds.png``) or ``"train"``
             (the 19 train ids, ``*_labelTrainIds.png``).
-        classes: instead of ``ids``, class names for values 1..K (0 is background), as in a dataset's
-            ``labels/*.png``; a name Cityscapes lacks gets a grey of its own.
+        classes: instead of ``ids``, the classes of values 1..K (0 is background), as in a dataset's
+            ``labels/*.png``: names, or the class table's dicts (``name``, optional ``cityscapes_id``); a
+            class Cityscapes lacks gets a grey of its own.
 
     Example:
         >>> label_palette()[26].tolist(), label_palette("train")[13].tolist()
@@ -368,8 +370,8 @@ def label_palette(ids: str = "label", classes: Sequence[str] | None = None) -> n
     """
     table = np.zeros((256, 3), dtype=np.uint8)  # (256, 3) label value -> colour
     if classes is not None:
-        for value, name in enumerate(classes, start=1):
-            label_id = cityscapes_id(name)
+        for value, cls in enumerate(classes, start=1):
+            label_id = _class_cityscapes_id(cls)
             grey = 96 + (37 * value) % 128  # distinct greys for classes without a Cityscapes colour
             table[value] = CITYSCAPES_COLOURS[label_id] if label_id is not None else (grey, grey, grey)
         return table
@@ -386,7 +388,24 @@ def label_palette(ids: str = "label", classes: Sequence[str] | None = None) -> n
     return table
 
 
-def colorize_labels(label_ids, ids: str = "label", classes: Sequence[str] | None = None) -> Image.Image:
+def _class_cityscapes_id(cls: str | dict) -> int | None:
+    """Cityscapes label id of a class given by name or by a class-table dict."""
+    if isinstance(cls, dict):
+        return cls["cityscapes_id"] if cls.get("cityscapes_id") is not None else cityscapes_id(cls["name"])
+    return cityscapes_id(cls)
+
+
+def _value_names(ids: str, classes: Sequence[str | dict] | None) -> dict[int, str]:
+    """Label value -> class name, for legends."""
+    if classes is not None:
+        names = {v: (c["name"] if isinstance(c, dict) else c) for v, c in enumerate(classes, start=1)}
+        return {0: "background", **names, IGNORE: "ignore"}
+    if ids == "train":
+        return {**{lab.train_id: lab.name for lab in CITYSCAPES_LABELS if lab.train_id != IGNORE}, IGNORE: "ignore"}
+    return {**{lab.id: lab.name for lab in CITYSCAPES_LABELS}, IGNORE: "ignore"}
+
+
+def colorize_labels(label_ids, ids: str = "label", classes: Sequence[str | dict] | None = None) -> Image.Image:
     """A label map as a palette PNG image (mode ``P``): values stay the label ids, viewers show Cityscapes colours.
 
     Saving it keeps the ids readable (``np.array(Image.open(path))`` gives them back) while the file looks
@@ -410,7 +429,7 @@ def colorize_labels(label_ids, ids: str = "label", classes: Sequence[str] | None
     return image
 
 
-def color_label_image(label_ids, ids: str = "label", classes: Sequence[str] | None = None) -> Image.Image:
+def color_label_image(label_ids, ids: str = "label", classes: Sequence[str | dict] | None = None) -> Image.Image:
     """A label map as an RGBA colour image, like Cityscapes' ``*_gtFine_color.png``.
 
     Example:
@@ -418,6 +437,52 @@ def color_label_image(label_ids, ids: str = "label", classes: Sequence[str] | No
         (220, 20, 60, 255)
     """
     return colorize_labels(label_ids, ids, classes).convert("RGBA")
+
+
+def label_figure(image, label_ids, ids: str = "label", classes: Sequence[str | dict] | None = None,
+                 size: int = 256) -> Image.Image:
+    """The image beside its coloured label map, with a legend of the classes present.
+
+    The image is upscaled bicubic, the label map nearest-neighbour (labels must not blend).
+
+    Args:
+        image: the image the labels belong to.
+        label_ids: ``(H, W)`` label values.
+        ids: ``"label"`` or ``"train"``, see :func:`label_palette`.
+        classes: the classes of values 1..K, see :func:`label_palette`.
+        size: longer side of each panel in pixels.
+
+    Example:
+        >>> figure = label_figure(np.zeros((8, 8, 3)), np.full((8, 8), 26, dtype=np.uint8), size=64)
+        >>> figure.getpixel((64 + 12, 20))
+        (0, 0, 142)
+    """
+    base = to_pil(image)
+    labels = np.asarray(label_ids)
+    width, height = _display_size(labels.shape, size)
+    font = _font(max(12, size // 18))
+    pad, swatch = max(4, size // 32), max(10, size // 18)
+    names = _value_names(ids, classes)
+    table = label_palette(ids, classes)
+    present = [int(v) for v in np.unique(labels)]
+    measure = ImageDraw.Draw(Image.new("RGB", (1, 1)))
+    legend_w = 2 * pad + swatch + max(_text_width(measure, names.get(v, str(v)), font) for v in present)
+    line_h = swatch + pad
+    canvas = Image.new("RGB", (3 * pad + 2 * width + legend_w + pad, max(height, len(present) * line_h) + 2 * pad),
+                       "white")
+    canvas.paste(base.resize((width, height), Image.BICUBIC), (pad, pad))
+    canvas.paste(colorize_labels(labels, ids, classes).convert("RGB").resize((width, height), Image.NEAREST),
+                 (2 * pad + width, pad))
+    draw = ImageDraw.Draw(canvas)
+    left = 3 * pad + 2 * width
+    for i, value in enumerate(present):
+        top = pad + i * line_h
+        draw.rectangle((left, top, left + swatch - 1, top + swatch - 1), fill=tuple(int(c) for c in table[value]),
+                       outline=_MUTED)
+        name = names.get(value, str(value))
+        bbox = draw.textbbox((0, 0), name, font=font)
+        draw.text((left + swatch + pad, top + (swatch - bbox[3] - bbox[1]) // 2), name, fill=_INK, font=font)
+    return canvas
 
 
 # -- curves (matplotlib) ------------------------------------------------------------------------------------
