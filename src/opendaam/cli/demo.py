@@ -6,7 +6,10 @@ import json
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
+
+from opendaam._io import atomic_write_with
 
 __all__ = ["CLASSES", "EXTRA_WORDS", "add_parser", "run"]
 
@@ -22,9 +25,10 @@ def add_parser(sub) -> None:
     p = sub.add_parser("demo", help="maps for a few images of the bundled toy-urban model", description=__doc__)
     p.add_argument("--model", default="toy-urban", help="hub id, local folder, or bundled name")
     p.add_argument("--out", required=True, help="output folder")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="noise seed of the first image; image i uses seed + i")
     p.add_argument("--steps", type=int, default=None, help="denoising steps (default: the model's own)")
-    p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--threads", type=int, default=None,
+                   help="torch threads (default: torch's choice; set it when other jobs share the CPU)")
     p.set_defaults(run=run)
 
 
@@ -32,6 +36,7 @@ def run(args) -> int:
     """Generate one image per class and write overlay grids and a summary."""
     from opendaam.heatmaps import heatmaps
     from opendaam.models import generation_defaults, load_pipeline, set_threads
+    from opendaam.report import write_html
     from opendaam.tracing import trace
     from opendaam.viz import overlay_grid, to_pil
 
@@ -60,7 +65,10 @@ def run(args) -> int:
         name = cls.replace(" ", "_")
         image.save(out / f"{name}.png")
         overlay_grid(image, rows).save(out / f"{name}_maps.png")
-        entry = {"prompt": prompt, "image": f"{name}.png", "grid": f"{name}_maps.png", "maps": {}}
+        arrays = {method: maps.latent.detach().float().numpy() for method, maps in rows}  # for the HTML report
+        atomic_write_with(out / f"{name}_maps.npz", lambda tmp, a=arrays: np.savez_compressed(tmp, **a))
+        entry = {"prompt": prompt, "image": f"{name}.png", "grid": f"{name}_maps.png",
+                 "arrays": f"{name}_maps.npz", "image_size": list(record.image_size), "maps": {}}
         for method, maps in rows:
             masks = maps.masks(0.4)
             entry["maps"][method] = {
@@ -70,6 +78,7 @@ def run(args) -> int:
         summary["images"].append(entry)
         print(f"{prompt!r}: wrote {name}.png and {name}_maps.png", flush=True)
     summary["seconds"] = round(time.perf_counter() - started, 1)
-    (out / "summary.json").write_text(json.dumps(summary, indent=2))
-    print(f"demo finished in {summary['seconds']} s; open {out}/*_maps.png")
+    atomic_write_with(out / "summary.json", lambda tmp: tmp.write_text(json.dumps(summary, indent=2)))
+    write_html(out, title=f"opendaam demo: {args.model}")
+    print(f"demo finished in {summary['seconds']} s; open {out}/index.html (or {out}/*_maps.png)")
     return 0
