@@ -98,11 +98,25 @@ def test_t5_tokenizer_words_are_single_pieces_and_rare_words_split():
     assert (tok.pad_token_id, tok.eos_token_id, tok.unk_token_id) == (0, 1, 2)
 
 
+@pytest.mark.parametrize("family", ["sdxl", "flux"])
+def test_bfloat16_build_rounds_the_float32_weights_and_runs(family):
+    half = build_tiny_pipeline(family, dtype=torch.bfloat16)
+    full = build_tiny_pipeline(family)
+    name = "unet" if family == "sdxl" else "transformer"
+    a, b = getattr(half, name).state_dict(), getattr(full, name).state_dict()
+    assert all(a[k].dtype == torch.bfloat16 and torch.equal(a[k], b[k].to(torch.bfloat16)) for k in a)
+    assert half.text_encoder.dtype == half.vae.dtype == torch.bfloat16
+    images = half(PROMPTS[0], height=32, width=48, **call_options(family)).images
+    assert images.shape == (1, 32, 48, 3) and np.isfinite(images).all()
+
+
 def test_unknown_family_and_config_key_are_named():
     with pytest.raises(ValueError, match="unknown family 'sd4'; choose one of: sdxl, pixart-alpha"):
         build_tiny_pipeline("sd4")
     with pytest.raises(ValueError, match="FluxTransformer2DModel has no config key guidance_embed"):
         build_tiny_pipeline("flux", guidance_embed=True)
+    with pytest.raises(ValueError, match="dtype must be a floating-point torch dtype, not torch.int8"):
+        build_tiny_pipeline("flux", dtype=torch.int8)
 
 
 @pytest.mark.parametrize("family", FAMILIES)

@@ -255,18 +255,19 @@ def _flux(overrides: dict[str, Any]) -> dict[str, Any]:
     )
 
 
-def build_tiny_pipeline(family: str, seed: int = 0, **overrides):
+def build_tiny_pipeline(family: str, seed: int = 0, *, dtype: torch.dtype = torch.float32, **overrides):
     """A real diffusers pipeline of ``family`` with tiny random weights, built offline.
 
     Args:
         family: one of :data:`FAMILIES`.
         seed: seeds every weight, so two builds with the same seed are identical.
+        dtype: the weights' dtype; they are drawn in float32 first, so a bfloat16 build rounds the float32 one.
         **overrides: changes to the denoiser's config (``unet`` for SDXL, ``transformer`` otherwise), e.g.
             ``guidance_embeds=True`` for a guidance-distilled Flux or ``num_layers=3``.
 
     Returns:
         ``StableDiffusionXLPipeline``, ``PixArtAlphaPipeline``, ``PixArtSigmaPipeline``,
-        ``StableDiffusion3Pipeline`` (SD3 and SD3.5) or ``FluxPipeline``, in float32 on the CPU. Image sides must be
+        ``StableDiffusion3Pipeline`` (SD3 and SD3.5) or ``FluxPipeline``, on the CPU. Image sides must be
         multiples of 4 (the VAE halves them; SDXL's U-Net, SD3's and PixArt's patches and Flux's packing halve
         them again). PixArt needs ``use_resolution_binning=False``.
 
@@ -284,6 +285,8 @@ def build_tiny_pipeline(family: str, seed: int = 0, **overrides):
 
     if family not in FAMILIES:
         raise ValueError(f"unknown family {family!r}; choose one of: {', '.join(FAMILIES)}")
+    if not dtype.is_floating_point:
+        raise ValueError(f"dtype must be a floating-point torch dtype, not {dtype}")
     denoiser = {"sdxl": diffusers.UNet2DConditionModel, "flux": diffusers.FluxTransformer2DModel}.get(
         family, diffusers.SD3Transformer2DModel if family.startswith("sd3") else diffusers.PixArtTransformer2DModel
     )
@@ -304,6 +307,7 @@ def build_tiny_pipeline(family: str, seed: int = 0, **overrides):
     for part in parts.values():
         if isinstance(part, torch.nn.Module):
             part.eval()  # as from_pretrained leaves them: the VAE in training mode decodes ~3e-7 differently
+            part.to(dtype=dtype)  # per module: DiffusionPipeline.to(dtype) warns about fp32-kept modules
     pipe = cls(**parts)
     pipe.set_progress_bar_config(disable=True)
     return pipe
