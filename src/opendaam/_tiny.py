@@ -307,7 +307,9 @@ def build_tiny_pipeline(family: str, seed: int = 0, *, dtype: torch.dtype = torc
     for part in parts.values():
         if isinstance(part, torch.nn.Module):
             part.eval()  # as from_pretrained leaves them: the VAE in training mode decodes ~3e-7 differently
-            part.to(dtype=dtype)  # per module: DiffusionPipeline.to(dtype) warns about fp32-kept modules
+            if dtype != torch.float32:
+                # plain Module.to: diffusers' ModelMixin.to warns about modules to keep in float32, none here
+                torch.nn.Module.to(part, dtype=dtype)
     pipe = cls(**parts)
     pipe.set_progress_bar_config(disable=True)
     return pipe
