@@ -53,8 +53,12 @@ def test_builds_and_runs_two_steps_non_square(family):
     assert not np.array_equal(images[0], images[1])  # the prompt reaches the image
 
 
-def test_same_seed_same_weights_other_seed_other_weights():
+def test_same_seed_same_weights_other_seed_other_weights_caller_rng_untouched():
+    torch.manual_seed(123)
+    expected = torch.rand(3)
+    torch.manual_seed(123)
     a, b, c = (build_tiny_pipeline("flux", seed=s).transformer.state_dict() for s in (0, 0, 1))
+    assert torch.equal(torch.rand(3), expected)
     assert all(torch.equal(a[k], b[k]) for k in a)
     assert not torch.equal(a["x_embedder.weight"], c["x_embedder.weight"])
 
@@ -199,6 +203,30 @@ def test_flux_true_cfg_keeps_the_conditional_call():
     torch.testing.assert_close(cfg.layers[name].text_softmax, plain.layers[name].text_softmax)
     assert not torch.allclose(cfg.layers[name].text_softmax, negative.layers[name].text_softmax)
     assert not np.array_equal(cfg.images, plain.images)  # the negative branch did steer the image
+
+
+def test_flux_true_cfg_calls_name_their_branch_in_cache_context():
+    """FluxPipeline wraps each transformer call in transformer.cache_context("cond" / "uncond")."""
+    import contextlib
+
+    pipe = tiny("flux")
+    transformer, names, calls = pipe.transformer, [], []
+    original = transformer.cache_context
+
+    @contextlib.contextmanager
+    def spy(name, **kwargs):
+        names.append(name)
+        with original(name, **kwargs):
+            yield
+
+    transformer.cache_context = spy  # an instance attribute: the pipeline calls self.transformer.cache_context
+    handle = transformer.register_forward_pre_hook(lambda module, args: calls.append(names[-1]))
+    try:
+        pipe(PROMPTS, true_cfg_scale=3.0, negative_prompt=["", ""], height=32, width=48, **call_options("flux"))
+    finally:
+        handle.remove()
+        del transformer.cache_context
+    assert calls == ["cond", "uncond", "cond", "uncond"]
 
 
 def test_guidance_distilled_flux_runs_and_reads_the_guidance():
