@@ -27,7 +27,10 @@ from diffusers import FluxTransformer2DModel, PixArtTransformer2DModel, SD3Trans
 from diffusers.models.attention_processor import Attention
 from diffusers.models.transformers.transformer_flux import FluxAttention, FluxSingleTransformerBlock
 
-__all__ = ["LayerReference", "Reference", "image_attention_output", "reference_daam", "text_conditioned_layers"]
+__all__ = [
+    "LayerReference", "Reference", "attention_inputs", "image_attention_output", "reference_daam",
+    "text_conditioned_layers",
+]
 
 
 @dataclass
@@ -80,6 +83,18 @@ def text_conditioned_layers(denoiser) -> dict[str, tuple[str, torch.nn.Module]]:
             elif module.added_kv_proj_dim is not None:  # SD3.5's attn2 has none: image-only
                 found[name] = ("joint_img_txt", module)
     return found
+
+
+def attention_inputs(args: tuple, kwargs: dict) -> dict:
+    """An attention module's call as a dict: hidden_states, encoder_hidden_states, attention_mask, rotary.
+
+    U-Net and PixArt blocks pass hidden_states by position and the rest by keyword; SD3 and Flux blocks pass all
+    by keyword. (Processors see other layouts: FluxAttention hands its processor all four by position.)
+    """
+    names = ("hidden_states", "encoder_hidden_states", "attention_mask", "image_rotary_emb")
+    inputs = {**dict(zip(names, args, strict=False)), **{k: v for k, v in kwargs.items() if k in names}}
+    inputs["rotary"] = inputs.pop("image_rotary_emb", None)
+    return inputs
 
 
 def _heads(x: torch.Tensor, head_dim: int) -> torch.Tensor:
@@ -202,13 +217,8 @@ def reference_daam(pipe, prompt, *, height: int, width: int, layers=None, reduce
         def hook(module, args, kwargs):
             if not state["conditional"]:
                 return
-            names = ("hidden_states", "encoder_hidden_states", "attention_mask", "rotary")
-            inputs = dict(zip(names, args, strict=False))  # Flux passes its four inputs by position
-            inputs.update({k: v for k, v in kwargs.items() if k in names})
-            if kwargs.get("image_rotary_emb") is not None:
-                inputs["rotary"] = kwargs["image_rotary_emb"]
             with torch.no_grad():
-                maps = _layer_maps(kind, module, inputs, state["text_len"])
+                maps = _layer_maps(kind, module, attention_inputs(args, kwargs), state["text_len"])
             rows = state["rows"]
             per_step[name].append(tuple(None if m is None else m[rows] for m in maps))
 

@@ -3,7 +3,8 @@
 For tests and benchmarks: each is a real diffusers pipeline (the class a hub checkpoint of that family loads as),
 with its attention laid out like the full-size model (two CLIP encoders of different widths for SDXL, a padded T5
 context for PixArt, CLIP + T5 joint attention for SD3, dual attention and RMS q/k norms for SD3.5, double- and
-single-stream blocks for Flux), but a few thousand weights wide, so two denoising steps take well under a second.
+single-stream blocks for Flux), but with 30-125 thousand denoiser weights, so two denoising steps take well under a
+second.
 
 Tokenizers are built without downloads: CLIP from the BPE files shipped in ``assets/clip_tokenizer``, T5 as an
 in-memory unigram vocabulary of whole words (``"▁car"``) taken from the CLIP vocabulary, subword pieces and single
@@ -255,18 +256,20 @@ def _flux(overrides: dict[str, Any]) -> dict[str, Any]:
     )
 
 
-def build_tiny_pipeline(family: str, seed: int = 0, **overrides):
+def build_tiny_pipeline(family: str, seed: int = 0, *, dtype: torch.dtype = torch.float32, **overrides):
     """A real diffusers pipeline of ``family`` with tiny random weights, built offline.
 
     Args:
         family: one of :data:`FAMILIES`.
-        seed: seeds every weight, so two builds with the same seed are identical.
+        seed: seeds every weight, so two builds with the same seed are identical; the caller's global torch
+            random state is left as it was.
+        dtype: the weights' dtype; they are drawn in float32 first, so a bfloat16 build rounds the float32 one.
         **overrides: changes to the denoiser's config (``unet`` for SDXL, ``transformer`` otherwise), e.g.
             ``guidance_embeds=True`` for a guidance-distilled Flux or ``num_layers=3``.
 
     Returns:
         ``StableDiffusionXLPipeline``, ``PixArtAlphaPipeline``, ``PixArtSigmaPipeline``,
-        ``StableDiffusion3Pipeline`` (SD3 and SD3.5) or ``FluxPipeline``, in float32 on the CPU. Image sides must be
+        ``StableDiffusion3Pipeline`` (SD3 and SD3.5) or ``FluxPipeline``, on the CPU. Image sides must be
         multiples of 4 (the VAE halves them; SDXL's U-Net, SD3's and PixArt's patches and Flux's packing halve
         them again). PixArt needs ``use_resolution_binning=False``.
 
@@ -284,26 +287,32 @@ def build_tiny_pipeline(family: str, seed: int = 0, **overrides):
 
     if family not in FAMILIES:
         raise ValueError(f"unknown family {family!r}; choose one of: {', '.join(FAMILIES)}")
+    if not dtype.is_floating_point:
+        raise ValueError(f"dtype must be a floating-point torch dtype, not {dtype}")
     denoiser = {"sdxl": diffusers.UNet2DConditionModel, "flux": diffusers.FluxTransformer2DModel}.get(
         family, diffusers.SD3Transformer2DModel if family.startswith("sd3") else diffusers.PixArtTransformer2DModel
     )
     unknown = sorted(set(overrides) - set(inspect.signature(denoiser.__init__).parameters) - {"self"})
     if unknown:
         raise ValueError(f"{denoiser.__name__} has no config key {', '.join(unknown)}; see its __init__ for valid keys")
-    torch.manual_seed(seed)
-    if family == "sdxl":
-        parts, cls = _sdxl(overrides), diffusers.StableDiffusionXLPipeline
-    elif family == "pixart-alpha":
-        parts, cls = _pixart(overrides, max_length=120), diffusers.PixArtAlphaPipeline  # pipeline default 120
-    elif family == "pixart-sigma":
-        parts, cls = _pixart(overrides, max_length=300), diffusers.PixArtSigmaPipeline  # pipeline default 300
-    elif family in ("sd3", "sd3.5"):
-        parts, cls = _sd3(overrides, dual=family == "sd3.5"), diffusers.StableDiffusion3Pipeline
-    else:
-        parts, cls = _flux(overrides), diffusers.FluxPipeline
-    for part in parts.values():
-        if isinstance(part, torch.nn.Module):
-            part.eval()  # as from_pretrained leaves them: the VAE in training mode decodes ~3e-7 differently
+    with torch.random.fork_rng(devices=[]):  # seeded weights without moving the caller's random stream
+        torch.manual_seed(seed)
+        if family == "sdxl":
+            parts, cls = _sdxl(overrides), diffusers.StableDiffusionXLPipeline
+        elif family == "pixart-alpha":
+            parts, cls = _pixart(overrides, max_length=120), diffusers.PixArtAlphaPipeline  # pipeline default 120
+        elif family == "pixart-sigma":
+            parts, cls = _pixart(overrides, max_length=300), diffusers.PixArtSigmaPipeline  # pipeline default 300
+        elif family in ("sd3", "sd3.5"):
+            parts, cls = _sd3(overrides, dual=family == "sd3.5"), diffusers.StableDiffusion3Pipeline
+        else:
+            parts, cls = _flux(overrides), diffusers.FluxPipeline
+        for part in parts.values():
+            if isinstance(part, torch.nn.Module):
+                part.eval()  # as from_pretrained leaves them: the VAE in training mode decodes ~3e-7 differently
+                if dtype != torch.float32:
+                    # plain Module.to: diffusers' ModelMixin.to warns about modules to keep in float32, none here
+                    torch.nn.Module.to(part, dtype=dtype)
     pipe = cls(**parts)
     pipe.set_progress_bar_config(disable=True)
     return pipe
