@@ -150,13 +150,35 @@ def _as_token_text(word: str) -> str:
     return "".join(_BYTES[b] for b in word.lower().encode("utf-8"))
 
 
+_SENTENCEPIECE_SPECIALS = ("</s>", "<pad>", "<unk>", "<s>")
+"""T5's special tokens (SentencePiece marks a word's first piece with "▁" instead of CLIP's "</w>" at its end)."""
+
+
+def _sentencepiece(tokens: Sequence[str]) -> bool:
+    """Whether ``tokens`` come from a SentencePiece tokenizer (T5) rather than CLIP's BPE."""
+    return not any(t.endswith("</w>") for t in tokens) and any(t.startswith("\u2581") for t in tokens)
+
+
 def prompt_words(tokens: Sequence[str]) -> list[tuple[str, list[int]]]:
-    """The words of a tokenized prompt with the token positions of each (byte-level pieces joined).
+    """The words of a tokenized prompt with the token positions of each (pieces joined): CLIP's byte-level BPE
+    (``"</w>"`` ends a word) or T5's SentencePiece (``"\u2581"`` starts one).
 
     Example:
         >>> prompt_words(["<|startoftext|>", "a</w>", "sky", "scraper</w>", "<|endoftext|>"])
         [('a', [1]), ('skyscraper', [2, 3])]
+        >>> prompt_words(["\u2581a", "\u2581sky", "scraper", "</s>"])
+        [('a', [0]), ('skyscraper', [1, 2])]
     """
+    if _sentencepiece(tokens):
+        words: list[tuple[str, list[int]]] = []
+        for i, token in enumerate(tokens):
+            if token in _SENTENCEPIECE_SPECIALS:
+                continue
+            if token.startswith("\u2581") or not words:
+                words.append((token.lstrip("\u2581"), [i]))
+            else:
+                words[-1] = (words[-1][0] + token, words[-1][1] + [i])
+        return [(w.lower(), pos) for w, pos in words if w]
     words, pieces, positions = [], [], []
     for i, token in enumerate(tokens):
         if token.startswith("<|") and token.endswith("|>"):
@@ -174,7 +196,7 @@ def prompt_words(tokens: Sequence[str]) -> list[tuple[str, list[int]]]:
 def _end_index(tokens: Sequence[str]) -> int:
     """Position of the end-of-text token (the last token when none is marked)."""
     for i, token in enumerate(tokens):
-        if i > 0 and token == "<|endoftext|>":
+        if (i > 0 and token == "<|endoftext|>") or token == "</s>":
             return i
     return len(tokens) - 1
 
@@ -194,10 +216,12 @@ def find_tokens(tokens: Sequence[str], word: str) -> list[int]:
     """
     key = word.strip().lower()
     if key in START_NAMES:
+        if _sentencepiece(tokens):
+            raise KeyError(f"{word!r}: this tokenizer (SentencePiece, T5) puts no start token before the prompt")
         return [0]
     if key in END_NAMES:
         return [_end_index(tokens)]
-    wanted = [_as_token_text(w) for w in key.split()]
+    wanted = key.split() if _sentencepiece(tokens) else [_as_token_text(w) for w in key.split()]
     words = prompt_words(tokens)
     found: list[int] = []
     for start in range(len(words) - len(wanted) + 1):
@@ -428,12 +452,19 @@ def _all_token_items(record: Record) -> list[_Item]:
 
 
 def _word_indices(record: Record, item: _Item) -> list[int]:
-    """Token positions of an item's word in the record's prompt."""
+    """Token columns of an item's word in the record's prompt: in every tokenizer's segment of the context (SD3:
+    its CLIP columns and its T5 columns, which start after CLIP's 77)."""
     tokens = _need_tokens(record)
     try:
-        return find_tokens(tokens, item.word)
+        found = find_tokens(tokens, item.word)
     except KeyError as error:
         raise KeyError(f"{error.args[0]} (prompt: {record.meta.get('prompt')!r})") from None
+    for segment in record.meta.get("segments", [])[1:]:
+        try:
+            found += [segment["offset"] + i for i in find_tokens(segment["tokens"], item.word)]
+        except KeyError:
+            continue  # <sot> exists in CLIP's columns only
+    return found
 
 
 def _cache_queries(record: Record) -> Callable[[str, list[int]], Tensor]:

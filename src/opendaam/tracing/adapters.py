@@ -90,6 +90,10 @@ class LayerKind:
         """An additive bias ``(n, T)`` on the scores (natural-log units), or None."""
         return None
 
+    def image_keys(self, attn: nn.Module, call: LayerCall, rows: slice) -> Tensor:
+        """Joint attention: the keys ``(n, heads, N, head_dim)`` of the image tokens the text competes with."""
+        raise ValueError("only joint attention (SD3, Flux) has image keys in the text softmax")
+
     def scale(self, attn: nn.Module) -> float:
         """The softmax temperature."""
         return float(attn.scale)
@@ -142,6 +146,17 @@ class JointAttention(LayerKind):
 
     def scale(self, attn: nn.Module) -> float:
         return 1.0 / math.sqrt(attn.to_q.out_features // attn.heads)  # scaled_dot_product_attention's default
+
+    def image_keys(self, attn: nn.Module, call: LayerCall, rows: slice) -> Tensor:
+        h = self.query_input(attn, call, rows)  # (n, N, dim)
+        k = attn.to_k(h)
+        k = k.view(*k.shape[:-1], attn.heads, -1).transpose(-2, -3)  # (n, heads, N, head_dim)
+        if attn.norm_k is not None:
+            k = attn.norm_k(k)
+        if call.rotary is not None:
+            cos, sin = call.rotary
+            k = _rope(k, cos[call.text_len :], sin[call.text_len :])
+        return k
 
 
 class SingleStream(JointAttention):

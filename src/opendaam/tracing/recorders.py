@@ -8,6 +8,7 @@ Which recorders run is chosen by :class:`~opendaam.tracing.TraceConfig`'s flags 
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -42,6 +43,7 @@ class LayerBatch:
     keys: Tensor  # (n, heads, T, head_dim) float32 keys times the layer's scale and log2(e)
     positions: list[int]  # the steps' rows in per-step buffers
     bias: Tensor | None = None  # (n, T) additive score bias in log2 units (PixArt's padding mask)
+    image_keys: Tensor | None = None  # (n, heads, M, head_dim) joint attention's image keys, scaled as ``keys``
 
 
 @dataclass(frozen=True)
@@ -63,7 +65,11 @@ Stable Diffusion 2 layers at 256 px and for toy-urban, and than 2 MB pieces for 
 
 def probability_chunks(batch: LayerBatch):
     """Yield ``(c, n, heads, T, N)`` softmax probabilities over the text tokens, a few steps at a time, in step
-    order (token-major; the keys carry log2(e), so exp2 gives the same probabilities as exp)."""
+    order (token-major; the keys carry log2(e), so exp2 gives the same probabilities as exp). With image keys
+    (joint attention, ``joint_slice``), the text columns of the softmax over image and text keys instead."""
+    if batch.image_keys is not None:
+        yield _joint_slice(batch)
+        return
     qf = batch.q.float()
     k, n, heads, pixels, _ = qf.shape
     keys = batch.keys
@@ -75,6 +81,20 @@ def probability_chunks(batch: LayerBatch):
         if bias is not None:
             scores += bias  # masked tokens: exp2 of about -14427 is 0, as in the model's float32 softmax
         yield token_softmax_(scores, shift)
+
+
+def _joint_slice(batch: LayerBatch) -> Tensor:
+    """``(k, n, heads, T, N)``: the text columns of the joint softmax over image and text keys, one head at a time
+    (the image-image scores of a head are the largest temporary)."""
+    qf = batch.q.float()  # (k, n, heads, N, head_dim)
+    text = torch.matmul(batch.keys, qf.transpose(-1, -2))  # (k, n, heads, T, N) log2 units
+    if batch.bias is not None:
+        text += batch.bias[:, None, :, None]
+    ln2 = math.log(2)
+    image = torch.stack([torch.logsumexp(torch.matmul(batch.image_keys[:, h], qf[:, :, h].transpose(-1, -2)) * ln2,
+                                         dim=-2) for h in range(qf.shape[2])], dim=2)  # (k, n, heads, N) natural
+    total = torch.logaddexp(torch.logsumexp(text * ln2, dim=-2), image)  # (k, n, heads, N): log of all the mass
+    return torch.exp(text * ln2 - total[..., None, :])
 
 
 class Recorder:

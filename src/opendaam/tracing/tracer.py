@@ -41,6 +41,7 @@ class TraceConfig:
     layers: tuple[str, ...] | None = None  # names or name prefixes of the layers to record; None is all
     steps: tuple[int, ...] | None = None  # U-Net call indices to record (0 = first); None is all
     upsample: str = "bicubic"  # DAAM's interpolation from each layer to latent size; M is built with it
+    joint_slice: bool = False  # MM-DiT: the text columns of the joint softmax (costs the image-image scores too)
     device: str = "cpu"  # records stay off the accelerator so long runs do not run out of its memory
 
     def __post_init__(self):
@@ -97,6 +98,9 @@ class Tracer:
         self.denoiser = self.adapter.denoiser(pipe)
         self.layers = _select_layers(self.adapter.layers(self.denoiser), config.layers)
         self.kinds = {name: self.adapter.kind(name, module) for name, module in self.layers.items()}
+        if config.joint_slice and not any(kind.joint for kind in self.kinds.values()):
+            raise ValueError(f"joint_slice=True reads joint attention; {self.adapter.family} attends to the text "
+                             "alone, so its DAAM is already the whole softmax: leave joint_slice out")
         self.recorders = recorders_for(config)
         self._prob_users = [r for r in self.recorders if r.uses_probs]
         self._name(prompt, meta)
@@ -234,6 +238,10 @@ class Tracer:
         h = kind.query_input(attn, call, rows)  # (n, N, dim) the layer's query input for the conditional rows
         context, keys, bias = self._context_keys(name, attn, call)
         position = len(self._gen_meta["steps"]) - 1  # this step's row in the per-step buffers
+        if self.config.joint_slice and kind.joint:  # the image keys the text competes with, in log2 units
+            image_keys = kind.image_keys(attn, call, rows).float() * (kind.scale(attn) * LOG2E)
+            self._compute(name, attn, h[None], context, keys, bias, call, [position], image_keys.contiguous())
+            return
         buf = self._buffers.get(name)
         if buf is not None and (buf.shape != h.shape or buf.dtype != h.dtype):
             self._flush(name)  # another batch or size: a new buffer
@@ -266,7 +274,7 @@ class Tracer:
 
     @torch.no_grad()
     def _compute(self, name: str, attn, h: Tensor, context: Tensor, keys: Tensor, bias: Tensor | None,
-                 call: LayerCall, positions: list[int]) -> None:
+                 call: LayerCall, positions: list[int], image_keys: Tensor | None = None) -> None:
         """Hand ``k`` steps of one layer to the recorders; ``h`` is ``(k, n, N, dim)``, ``positions`` the steps'
         rows in the per-step buffers."""
         flat, q = self.kinds[name].queries(attn, h, call)  # (k, n, N, inner), (k, n, heads, N, head_dim)
@@ -274,7 +282,7 @@ class Tracer:
         if name not in self._layer_info:
             self._layer_info[name] = self._describe(name, attn, pixels, heads, head_dim)
         batch = LayerBatch(name=name, attn=attn, info=self._layer_info[name], flat=flat, q=q, context=context,
-                           keys=keys, positions=positions, bias=bias)
+                           keys=keys, positions=positions, bias=bias, image_keys=image_keys)
         if self._prob_users:
             for probs in probability_chunks(batch):  # (c, n, heads, T, N), a few steps at a time, in cache
                 for recorder in self._prob_users:
