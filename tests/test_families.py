@@ -135,3 +135,26 @@ def test_linear_refused_where_keys_are_not_linear():
         with trace(pipeline(family)) as tracer:  # by default: wherever defined
             pass
         assert tracer.config.linear is False
+
+
+def test_layer_presets():
+    """Presets select by structure: Flux's double- and single-stream blocks, ConceptAttention's second half of the
+    double-stream blocks, thirds in data-flow order; at trace time and at map time alike."""
+    pipe = pipeline("flux")
+    with trace(pipe, layers=("single",)) as tracer:
+        pipe(PROMPTS[0], generator=torch.Generator().manual_seed(0), **call_options("flux"))
+    single = tracer.records[0]
+    assert list(single.layers) == [f"single_transformer_blocks.{i}.attn.processor" for i in range(2)]
+    _, (record,) = run_both("flux", prompts=PROMPTS[0])
+    assert torch.allclose(heatmaps(record, "car", layers="single").latent, heatmaps(single, "car").latent)
+    both = heatmaps(record, "car", layers="double").latent + heatmaps(record, "car", layers="single").latent
+    assert torch.allclose(both, heatmaps(record, "car").latent, atol=1e-5)
+    assert heatmaps(record, "car", layers="conceptattention").latent.shape == (1, *record.latent_size)
+    with pytest.raises(ValueError, match="unknown layer 'seg'; .* presets: early, middle, late, double, single, "
+                                         "conceptattention"):
+        heatmaps(record, "car", layers="seg")
+    unet = {n: None for n in ["down_blocks.0.a", "down_blocks.1.a", "up_blocks.0.a", "up_blocks.1.a", "mid_block.a",
+                              "up_blocks.2.a"]}
+    from opendaam.tracing.adapters import layer_presets
+
+    assert layer_presets(list(unet))["late"] == ["up_blocks.1.a", "up_blocks.2.a"]

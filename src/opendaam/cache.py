@@ -13,6 +13,7 @@ import torch
 from torch import Tensor
 
 from opendaam.tracing import LayerInfo, Record
+from opendaam.tracing.tracer import expand_layers
 
 __all__ = [
     "load_record",
@@ -53,15 +54,7 @@ def select_layers(record: Record, layers: str | Sequence[str] | None = None) -> 
     names = list(record.layers)
     if layers is None:
         return names
-    if isinstance(layers, str):
-        layers = [layers]
-    chosen: set[str] = set()
-    for sel in layers:
-        matched = [n for n in names if n == sel or n.startswith(sel)]
-        if not matched:
-            raise ValueError(f"unknown layer {sel!r}; the record has these layers: {', '.join(names)}")
-        chosen.update(matched)
-    return [n for n in names if n in chosen]
+    return expand_layers(names, [layers] if isinstance(layers, str) else list(layers), "the record has these layers")
 
 
 def select_steps(record: Record, steps: int | Sequence[int] | None) -> list[int] | None:

@@ -30,6 +30,7 @@ from opendaam.heatmaps import heatmaps
 from opendaam.metrics import curve_summary, default_thresholds, iou_score, mean_iou, percentile_band, threshold_curve
 from opendaam.optimize import OptimizedToken, optimize_token
 from opendaam.tracing import Record, trace
+from opendaam.tracing.adapters import flow_order
 
 __all__ = [
     "BASELINES",
@@ -400,7 +401,7 @@ def ablation(items: Sequence[Item], root: str | Path, thresholds: Tensor | None 
     taus = default_thresholds() if thresholds is None else thresholds
     loaded = [((records or {}).get(i.id) or load_record(root / i.record), i) for i in items]
     first = loaded[0][0]
-    blocks = sorted({n.split(".attentions")[0] for n in first.layers}, key=_block_order)
+    blocks = sorted({n.split(".attentions")[0] for n in first.layers}, key=flow_order)
     steps = first.steps
     matrix = torch.zeros(len(blocks), len(steps))
     for b, block in enumerate(blocks):
@@ -412,13 +413,6 @@ def ablation(items: Sequence[Item], root: str | Path, thresholds: Tensor | None 
                 curves.append(threshold_curve(soft[None], mask[None], taus))
             matrix[b, s] = 100 * curve_summary(torch.cat(curves, dim=1), taus)["max_miou"]
     return {"blocks": blocks, "steps": steps, "miou": matrix.tolist()}
-
-
-def _block_order(name: str) -> tuple[int, int]:
-    """Order U-Net blocks as data flows: down, mid, up."""
-    kind = 0 if name.startswith("down") else 1 if name.startswith("mid") else 2
-    digits = "".join(ch for ch in name if ch.isdigit())
-    return kind, int(digits) if digits else 0
 
 
 # -- the whole protocol ------------------------------------------------------------------------------------

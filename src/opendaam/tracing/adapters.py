@@ -39,6 +39,8 @@ __all__ = [
     "SD3Adapter",
     "UNetCrossAttention",
     "adapter_for",
+    "flow_order",
+    "layer_presets",
 ]
 
 
@@ -384,6 +386,48 @@ class FluxAdapter(Adapter):
         ids = ids.reshape(-1, ids.shape[-1])
         rows, cols = int(ids[:, 1].max()) + 1, int(ids[:, 2].max()) + 1
         return 2 * rows, 2 * cols
+
+
+def flow_order(name: str) -> tuple[int, ...]:
+    """A sort key that puts layer (or block) names in the order data flows through the denoiser: a U-Net's
+    down blocks, mid block, up blocks (diffusers registers ``mid_block`` last); a transformer's double-stream
+    blocks before its single-stream ones; block numbers numerically.
+
+    Example:
+        >>> sorted(["up_blocks.0.a", "mid_block.a", "down_blocks.10.a", "down_blocks.2.a"], key=flow_order)
+        ['down_blocks.2.a', 'down_blocks.10.a', 'mid_block.a', 'up_blocks.0.a']
+    """
+    stage = {"down_blocks": 0, "mid_block": 1, "up_blocks": 2, "transformer_blocks": 0,
+             "single_transformer_blocks": 1}.get(name.split(".")[0], 3)
+    return (stage, *(int(part) for part in name.split(".") if part.isdigit()))
+
+
+def layer_presets(names: list[str]) -> dict[str, list[str]]:
+    """Named layer selections of a model's text-conditioned layers (``names`` in model order).
+
+    * ``"early"``, ``"middle"``, ``"late"``: the first, second and last third of the layers in the order data
+      flows through them (:func:`flow_order`);
+    * Flux: ``"double"`` and ``"single"``, the double- and single-stream blocks, and ``"conceptattention"``, the
+      second half of the double-stream blocks (ConceptAttention reads double-stream blocks from a start index to
+      the last one).
+
+    Example:
+        >>> names = [f"transformer_blocks.{i}.attn.processor" for i in range(4)]
+        >>> names += [f"single_transformer_blocks.{i}.attn.processor" for i in range(2)]
+        >>> presets = layer_presets(names)
+        >>> presets["conceptattention"]
+        ['transformer_blocks.2.attn.processor', 'transformer_blocks.3.attn.processor']
+        >>> [name.split(".")[0] for name in presets["late"]]
+        ['single_transformer_blocks', 'single_transformer_blocks']
+    """
+    flow = sorted(names, key=flow_order)
+    n = len(flow)
+    presets = {"early": flow[: n // 3], "middle": flow[n // 3 : n - n // 3], "late": flow[n - n // 3 :]}
+    single = [x for x in names if x.startswith("single_transformer_blocks.")]
+    if single:
+        double = [x for x in names if x not in single]
+        presets.update(double=double, single=single, conceptattention=double[len(double) // 2 :])
+    return {k: v for k, v in presets.items() if v}
 
 
 ADAPTERS: tuple[type[Adapter], ...] = (UNetCrossAttention, PixArtAdapter, SD3Adapter, FluxAdapter)

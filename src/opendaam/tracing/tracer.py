@@ -20,12 +20,12 @@ import torch
 from torch import Tensor
 
 from opendaam.attention import LOG2E, UPSAMPLE_MODES
-from opendaam.tracing.adapters import LayerCall, adapter_for
+from opendaam.tracing.adapters import LayerCall, adapter_for, layer_presets
 from opendaam.tracing.hooks import GenerationClock, ProcessorHooks, TextCall, TextEncoderHooks
 from opendaam.tracing.recorders import Finish, LayerBatch, probability_chunks, recorders_for
 from opendaam.tracing.records import LayerInfo, Record
 
-__all__ = ["TraceConfig", "Tracer", "tokenize_prompt", "trace"]
+__all__ = ["TraceConfig", "Tracer", "expand_layers", "tokenize_prompt", "trace"]
 
 
 @dataclass(frozen=True)
@@ -38,7 +38,7 @@ class TraceConfig:
     query_dtype: str = "float16"  # "float16" keeps maps exact to ~1e-3; "int8" halves memory again
     linear: bool | None = None  # M (4 MB at 256 px, any word's map in one matmul) wherever keys are linear in the text
     linear_layers: bool = False  # per-layer query sums allow layer/head selection of linear maps (~3x M)
-    layers: tuple[str, ...] | None = None  # names or name prefixes of the layers to record; None is all
+    layers: tuple[str, ...] | None = None  # names, prefixes or presets ("late", Flux "single") to record; None: all
     steps: tuple[int, ...] | None = None  # U-Net call indices to record (0 = first); None is all
     upsample: str = "bicubic"  # DAAM's interpolation from each layer to latent size; M is built with it
     joint_slice: bool = False  # MM-DiT: the text columns of the joint softmax (costs the image-image scores too)
@@ -499,16 +499,35 @@ def _layer_shape(latent_h: int, latent_w: int, pixels: int, name: str) -> tuple[
 
 
 def _select_layers(layers: dict, selectors: Sequence[str] | None) -> dict:
-    """The layers whose names equal or start with one of ``selectors`` (all when None)."""
+    """The layers whose names equal or start with one of ``selectors``, or that a preset names (all when None)."""
     if selectors is None:
         return dict(layers)
-    chosen = {}
-    for sel in selectors:
-        matched = {n: m for n, m in layers.items() if n == sel or n.startswith(sel)}
-        if not matched:
-            raise ValueError(f"unknown layer {sel!r}; valid layer names: {', '.join(layers)}")
-        chosen.update(matched)
+    if isinstance(selectors, str):
+        selectors = [selectors]
+    chosen = set(expand_layers(list(layers), selectors))
     return {n: layers[n] for n in layers if n in chosen}
+
+
+def expand_layers(names: list[str], selectors: Sequence[str], listing: str = "valid layer names") -> list[str]:
+    """The names (in model order) that equal or start with a selector, or that a preset of
+    :func:`~opendaam.tracing.adapters.layer_presets` names.
+
+    Raises:
+        ValueError: a selector matches nothing; the message lists the presets and the layer names.
+
+    Example:
+        >>> expand_layers(["down.a", "mid.b", "up.c"], ["late", "down"])
+        ['down.a', 'up.c']
+    """
+    presets = layer_presets(names)
+    chosen: set[str] = set()
+    for sel in selectors:
+        matched = presets.get(sel) or [n for n in names if n == sel or n.startswith(sel)]
+        if not matched:
+            raise ValueError(f"unknown layer {sel!r}; {listing}: {', '.join(names)} (or their prefixes); presets: "
+                             f"{', '.join(presets)}")
+        chosen.update(matched)
+    return [n for n in names if n in chosen]
 
 
 def tokenize_prompt(pipe, prompt: str, tokenizer: str = "tokenizer") -> tuple[list[int], list[str]]:
