@@ -5,6 +5,7 @@ First layer of opendaam: nothing here imports another opendaam module.
 
 from __future__ import annotations
 
+import json
 import logging
 from dataclasses import dataclass
 from pathlib import Path
@@ -14,10 +15,12 @@ from torch import nn
 
 __all__ = [
     "ARCHITECTURES",
+    "DENOISERS",
     "BUNDLED_MODELS",
     "SCHEDULERS",
     "Architecture",
     "build_pipeline",
+    "check_denoiser",
     "clip_tokenizer",
     "cross_attention_layers",
     "generation_defaults",
@@ -266,6 +269,8 @@ def load_pipeline(
             f"{source} is not a diffusers pipeline folder (no model_index.json); write one with "
             "pipe.save_pretrained(folder)"
         )
+    if Path(source).exists():
+        check_denoiser(json.loads((Path(source) / "model_index.json").read_text()), source)
     options = dict(kwargs)
     if dtype is not None:
         options["torch_dtype"] = dtype
@@ -281,6 +286,35 @@ def load_pipeline(
     if device is not None:
         pipe = pipe.to(device)
     return pipe
+
+
+DENOISERS: dict[str, str] = {
+    "UNet2DConditionModel": "U-Net cross-attention (Stable Diffusion 1/2, SDXL)",
+    "PixArtTransformer2DModel": "DiT cross-attention (PixArt-alpha, PixArt-Sigma)",
+    "SD3Transformer2DModel": "joint attention (Stable Diffusion 3, 3.5)",
+    "FluxTransformer2DModel": "joint attention with single-stream blocks (Flux)",
+}
+"""Denoiser classes opendaam traces, with the attention family each belongs to."""
+
+
+def check_denoiser(model_index: dict, source: str = "the pipeline") -> str:
+    """The attention family of a pipeline from its ``model_index.json`` (read before any weight is loaded).
+
+    Raises:
+        ValueError: the denoiser is of no supported family; the message names them.
+
+    Example:
+        >>> check_denoiser({"transformer": ["diffusers", "FluxTransformer2DModel"]})
+        'joint attention with single-stream blocks (Flux)'
+    """
+    for part in ("unet", "transformer"):
+        entry = model_index.get(part)
+        if isinstance(entry, (list, tuple)) and len(entry) == 2 and entry[1]:
+            if entry[1] in DENOISERS:
+                return DENOISERS[entry[1]]
+            raise ValueError(f"{source}: opendaam cannot trace a {entry[1]} denoiser; supported: "
+                             + "; ".join(f"{family} ({cls})" for cls, family in DENOISERS.items()))
+    raise ValueError(f"{source} has no unet or transformer to trace; supported: " + "; ".join(DENOISERS.values()))
 
 
 def cross_attention_layers(unet: nn.Module) -> dict[str, nn.Module]:
@@ -312,8 +346,9 @@ def cross_attention_layers(unet: nn.Module) -> dict[str, nn.Module]:
 def generation_defaults(pipe, **overrides) -> dict:
     """Steps, guidance and size a pipeline generates with when not told otherwise.
 
-    A model folder may carry ``opendaam.json`` with its own (the bundled toy-urban does); otherwise
-    diffusers' Stable Diffusion defaults: 50 steps, guidance 7.5, the U-Net's sample size. Keyword
+    A model folder may carry ``opendaam.json`` with its own (the bundled toy-urban does); otherwise the
+    pipeline's own defaults (Stable Diffusion: 50 steps, guidance 7.5; SD3: 28 and 7.0; Flux: 28 and 3.5) and
+    its default size. Keyword
     ``overrides`` that are not None (``num_inference_steps=``, ``guidance_scale=``, ``height=``, ``width=``)
     replace them.
 
@@ -323,10 +358,16 @@ def generation_defaults(pipe, **overrides) -> dict:
         >>> generation_defaults(build_pipeline("tiny"), num_inference_steps=2, height=None)["num_inference_steps"]
         2
     """
+    import inspect
     import json
 
-    size = int(pipe.unet.config.sample_size) * int(getattr(pipe, "vae_scale_factor", 8))
-    defaults = {"num_inference_steps": 50, "guidance_scale": 7.5, "height": size, "width": size}
+    denoiser = getattr(pipe, "unet", None) or getattr(pipe, "transformer", None)
+    latent = getattr(pipe, "default_sample_size", None) or denoiser.config.get("sample_size", 64)
+    size = int(latent) * int(getattr(pipe, "vae_scale_factor", 8))
+    own = inspect.signature(pipe.__call__).parameters  # the pipeline's own defaults (SD3: 28 steps, 7.0)
+    defaults = {"num_inference_steps": own["num_inference_steps"].default if "num_inference_steps" in own else 50,
+                "guidance_scale": own["guidance_scale"].default if "guidance_scale" in own else 7.5,
+                "height": size, "width": size}
     folder = getattr(pipe, "name_or_path", None) or pipe.config.get("_name_or_path")
     if folder and (Path(folder) / "opendaam.json").exists():
         own = json.loads((Path(folder) / "opendaam.json").read_text())

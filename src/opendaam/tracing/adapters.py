@@ -25,7 +25,7 @@ import torch
 from torch import Tensor, nn
 
 from opendaam.attention import image_queries, key_linear, text_keys
-from opendaam.models import cross_attention_layers
+from opendaam.models import DENOISERS, cross_attention_layers
 
 __all__ = [
     "ADAPTERS",
@@ -261,7 +261,7 @@ class UNetCrossAttention(Adapter):
     ``is_cross_attention``; queries from the image, keys from the text states passed as
     ``encoder_hidden_states``."""
 
-    family = "U-Net cross-attention (Stable Diffusion 1/2, SDXL)"
+    family = DENOISERS["UNet2DConditionModel"]
 
     @classmethod
     def matches(cls, pipe) -> bool:
@@ -301,7 +301,7 @@ class PixArtAdapter(Adapter):
     """DiT cross-attention (PixArt-alpha/Sigma): the blocks' cross-attention over the projected T5 context, with
     the padding mask as a score bias."""
 
-    family = "DiT cross-attention (PixArt-alpha, PixArt-Sigma)"
+    family = DENOISERS["PixArtTransformer2DModel"]
 
     @classmethod
     def matches(cls, pipe) -> bool:
@@ -324,7 +324,7 @@ class SD3Adapter(Adapter):
     """Joint attention ``[image; text]`` (SD3, SD3.5): every ``Attention`` with added key projections; SD3.5's
     image-only attention (no ``add_k_proj``) is not text-conditioned and is left out."""
 
-    family = "joint attention (Stable Diffusion 3, 3.5)"
+    family = DENOISERS["SD3Transformer2DModel"]
     linear_keys = False
 
     @classmethod
@@ -353,7 +353,7 @@ class FluxAdapter(Adapter):
     """Joint attention ``[text; image]`` (Flux): double-stream blocks (added key projections) and single-stream
     blocks (one sequence whose first ``T`` rows are text), all with RoPE."""
 
-    family = "joint attention with single-stream blocks (Flux)"
+    family = DENOISERS["FluxTransformer2DModel"]
     linear_keys = False
     branch_calls = True
 
