@@ -137,16 +137,22 @@ def token_softmax_(scores: Tensor, shift: bool = True) -> Tensor:
     return scores
 
 
-def softmax_maps(keys: Tensor, q: Tensor, scale: float) -> Tensor:
+def softmax_maps(keys: Tensor, q: Tensor, scale: float, bias: Tensor | None = None) -> Tensor:
     """Attention probabilities of queries ``(..., heads, N, head_dim)`` over keys ``(heads, T, head_dim)``,
     token-major ``(..., heads, T, N)`` (the softmax runs over a non-last axis, which PyTorch vectorizes along
-    the pixels; a last axis of a few tokens is slow). Differentiable in both.
+    the pixels; a last axis of a few tokens is slow). ``bias`` ``(T,)`` is added to the scores (a padding mask).
+    Differentiable in both.
 
     Example:
         >>> softmax_maps(torch.zeros(1, 3, 4), torch.zeros(2, 1, 5, 4), 0.5).sum(-2).unique().tolist()
         [1.0]
+        >>> softmax_maps(torch.zeros(1, 2, 4), torch.zeros(1, 3, 4), 1.0, torch.tensor([0.0, -1e4]))[0, :, 0].tolist()
+        [1.0, 0.0]
     """
-    return (torch.matmul(keys, q.transpose(-1, -2)) * scale).softmax(-2)
+    scores = torch.matmul(keys, q.transpose(-1, -2)) * scale
+    if bias is not None:
+        scores = scores + bias[:, None]
+    return scores.softmax(-2)
 
 
 def upsample(maps: Tensor, size: tuple[int, int], mode: str = "bicubic") -> Tensor:

@@ -26,7 +26,6 @@ from opendaam.attention import key_weight, softmax_maps, text_keys, upsample
 from opendaam.cache import queries, select_heads, select_layers, select_steps
 from opendaam.metrics import normalize_maps
 from opendaam.tracing import Record, adapter_for, tokenize_prompt
-from opendaam.tracing.hooks import quiet_text_hooks
 
 __all__ = [
     "METHODS",
@@ -34,12 +33,10 @@ __all__ = [
     "Method",
     "get_method",
     "colorize",
-    "encode_ids",
     "encode_text",
     "find_tokens",
     "heatmaps",
     "prompt_words",
-    "text_encoders",
 ]
 
 START_NAMES = ("<sot>", "<|startoftext|>", "<start>")
@@ -237,40 +234,13 @@ def find_tokens(tokens: Sequence[str], word: str) -> list[int]:
     return found
 
 
-def text_encoders(pipe) -> list[tuple[object, torch.nn.Module]]:
-    """The (tokenizer, text encoder) pairs whose states make the denoiser's text context, in context order:
-    one for Stable Diffusion 1/2, two for SDXL (their penultimate states concatenated)."""
-    pairs = [(getattr(pipe, t, None), getattr(pipe, e, None))
-             for t, e in (("tokenizer", "text_encoder"), ("tokenizer_2", "text_encoder_2"))]
-    pairs = [(t, e) for t, e in pairs if t is not None and e is not None]
-    if not pairs:
-        raise ValueError(f"{type(pipe).__name__} has no tokenizer and text encoder to encode new words with")
-    return pairs
-
-
-def encode_ids(pipe, ids: list[Tensor]) -> Tensor:
-    """The denoiser's text context ``(batch, T, text_dim)`` for token ids ``(batch, T)`` of each of the
-    pipeline's :func:`text_encoders`, built as the pipeline builds it: the last state of a single encoder
-    (Stable Diffusion 1/2), or the penultimate states of both encoders concatenated (SDXL). Differentiable in
-    nothing: the encoders run without gradients and out of any trace's view."""
-    pairs = text_encoders(pipe)
-    parts = []
-    with torch.no_grad(), quiet_text_hooks():  # opendaam's own encoding is no generation's prompt
-        for (_, encoder), tokens in zip(pairs, ids, strict=True):
-            if len(pairs) == 1:
-                parts.append(encoder(tokens.to(encoder.device))[0])  # (batch, T, width)
-            else:
-                out = encoder(tokens.to(encoder.device), output_hidden_states=True)
-                parts.append(out.hidden_states[-2])  # (batch, T, width_i)
-    return torch.cat(parts, dim=-1).float().cpu()  # (batch, T, text_dim)
-
-
-def encode_text(pipe, text: str) -> tuple[Tensor, list[str]]:
-    """The denoiser's ``(77, text_dim)`` text context for ``text`` (padded as the pipeline pads, through every
-    text encoder the pipeline uses) and its tokens.
+def encode_text(pipe, text: str, length: int | None = None) -> tuple[Tensor, list[str]]:
+    """The ``(T, text_dim)`` text states the denoiser's attention layers read for ``text``, encoded and padded as
+    the pipeline encodes its prompt (SDXL: both CLIP encoders; PixArt: T5 and the caption projection), and the
+    text's tokens.
 
     Raises:
-        ValueError: the text has more tokens than the encoder reads.
+        ValueError: the text has more tokens than the encoder reads, or the family cannot encode new text.
 
     Example:
         >>> from opendaam.models import build_pipeline
@@ -281,10 +251,16 @@ def encode_text(pipe, text: str) -> tuple[Tensor, list[str]]:
         >>> torch.equal(states, pipe.encode_prompt("a car", "cpu", 1, False)[0][0])
         True
     """
-    _, tokens = tokenize_prompt(pipe, text)
-    ids = [tokenizer(text, padding="max_length", max_length=tokenizer.model_max_length, truncation=True,
-                     return_tensors="pt").input_ids for tokenizer, _ in text_encoders(pipe)]
-    return encode_ids(pipe, ids)[0], tokens
+    encoded, tokens = _encode(pipe, text, length)
+    return encoded.states[0], tokens
+
+
+def _encode(pipe, text: str, length: int | None = None):
+    """:class:`~opendaam.tracing.adapters.EncodedText` of one text and its tokens (by the context's first
+    tokenizer)."""
+    adapter = adapter_for(pipe)
+    _, tokens = tokenize_prompt(pipe, text, adapter.text_segments(pipe)[0])
+    return adapter.encode(pipe, [text], length), tokens
 
 
 # -- query parsing -----------------------------------------------------------------------------------
@@ -440,7 +416,8 @@ def _daam(record: Record, req: _Request) -> tuple[Tensor, list[list[int]]]:
             raise ValueError("per-step DAAM needs daam_per_step=True or queries=True when tracing")
         pipe = _need_pipe(req.pipe, "per-step DAAM from the query cache")
         modules = _key_modules(pipe, record, req.layers)
-        per_layer = _softmax_maps(record, req, modules, record.context, columns, domain=None)
+        per_layer = _softmax_maps(record, req, modules, record.context, columns, domain=None,
+                                  bias=_record_bias(record))
     latent = _to_latent(per_layer, record)
     return _pool(latent, local, req.pooling), groups
 
@@ -473,14 +450,16 @@ def _cache_queries(record: Record) -> Callable[[str, list[int]], Tensor]:
 
 
 def _softmax_maps(record: Record, req: _Request, modules: dict, states: Tensor, columns: list[int],
-                  domain: int | None, provider: Callable[[str, list[int]], Tensor] | None = None
-                  ) -> dict[str, Tensor]:
+                  domain: int | None, provider: Callable[[str, list[int]], Tensor] | None = None,
+                  bias: Tensor | None = None) -> dict[str, Tensor]:
     """Per layer ``(J, N)``: softmax attention of cached queries over the keys of ``states`` (first ``domain``
-    rows when given), summed over the chosen steps and heads, for token ``columns``.
+    rows when given), summed over the chosen steps and heads, for token ``columns``; ``bias`` ``(T,)`` is added
+    to the scores (PixArt's padding).
 
     ``provider(layer, steps)`` gives ``(s, heads, N, head_dim)`` queries (default: the record's cache).
     """
     states = states[:domain] if domain is not None else states
+    bias = bias[: states.shape[0]] if bias is not None else None
     provider = provider or _cache_queries(record)
     out = {}
     for name in req.layers:
@@ -498,7 +477,7 @@ def _softmax_maps(record: Record, req: _Request, modules: dict, states: Tensor, 
             q = provider(name, steps[start : start + chunk])  # (s, heads, N, head_dim)
             if hs is not None:
                 q = q[:, hs]
-            probs = softmax_maps(k, q, info.scale)  # (s, heads, T, N)
+            probs = softmax_maps(k, q, info.scale, bias)  # (s, heads, T, N)
             part = probs[:, :, columns].sum((0, 1))  # (J, N)
             acc = part if acc is None else acc + part
         out[name] = acc  # (J, N)
@@ -522,9 +501,9 @@ def _open_vocab(record: Record, req: _Request) -> tuple[Tensor, list[list[int]]]
             rows = it.use if it.use is not None else range(it.embedding.shape[0])
             groups.append([row + r for r in rows])
             row += it.embedding.shape[0]
-        domain = None
+        domain, bias = None, None
     else:
-        states, tokens = _context_states(record, req)
+        states, tokens, bias = _context_states(record, req)
         groups = [it.indices if it.indices is not None else find_tokens(tokens, it.word) for it in items] \
             if items else [[i] for i in range(len(tokens))]
         if not items:
@@ -533,7 +512,7 @@ def _open_vocab(record: Record, req: _Request) -> tuple[Tensor, list[list[int]]]
     pipe = _need_pipe(req.pipe, "open-vocabulary maps")
     modules = _key_modules(pipe, record, req.layers)
     columns, local = _unique_columns(groups)
-    per_layer = _softmax_maps(record, req, modules, states, columns, domain)
+    per_layer = _softmax_maps(record, req, modules, states, columns, domain, bias=bias)
     return _pool(_to_latent(per_layer, record), local, req.pooling), groups
 
 
@@ -543,22 +522,31 @@ def _replace_items(req: _Request, items: list[_Item]) -> _Request:
                     heads=req.heads, softmax_over=req.softmax_over, pooling=req.pooling)
 
 
-def _context_states(record: Record, req: _Request) -> tuple[Tensor, list[str]]:
-    """X' for open_vocab: the given context, else the generating prompt (plus any missing words)."""
+def _context_states(record: Record, req: _Request) -> tuple[Tensor, list[str], Tensor | None]:
+    """X' for open_vocab: the given context, else the generating prompt (plus any missing words); its states,
+    tokens and padding bias."""
     if isinstance(req.context, Tensor):
         raise ValueError("pass embeddings as the query, not as context=")
     words = [it.word for it in req.items if it.word is not None]
     if req.context is None and record.tokens and record.context is not None:
         missing = [w for w in words if not _in_prompt(record.tokens, w)]
         if not missing:
-            return record.context.float(), record.tokens
+            return record.context.float(), record.tokens, _record_bias(record)
         text = f"{record.meta.get('prompt', '')}, {', '.join(missing)}"
     elif req.context is None:
         raise ValueError("open_vocab needs a context prompt X': pass context='a car and a tree in ...'")
     else:
         text = req.context
     pipe = _need_pipe(req.pipe, "open-vocabulary maps of new text")
-    return encode_text(pipe, text)
+    length = record.context.shape[0] if record.context is not None else None  # pad as the record's prompt
+    encoded, tokens = _encode(pipe, text, length)
+    return encoded.states[0], tokens, None if encoded.bias is None else encoded.bias[0]
+
+
+def _record_bias(record: Record) -> Tensor | None:
+    """The score bias ``(T,)`` of the record's padded prompt columns (PixArt), as the model added it."""
+    mask = record.meta.get("text_mask")
+    return None if mask is None else (1 - torch.tensor(mask, dtype=torch.float32)) * -10000.0
 
 
 def _in_prompt(tokens: list[str], word: str) -> bool:
@@ -639,7 +627,7 @@ def _word_embedding(record: Record, req: _Request, item: _Item) -> tuple[Tensor,
         return record.context[idx].float(), idx
     pipe = _need_pipe(req.pipe, f"the linear map of {item.word!r} (not in the generating prompt)")
     text = req.context if isinstance(req.context, str) else item.word
-    states, tokens = encode_text(pipe, text)
+    states, tokens = encode_text(pipe, text, record.context.shape[0] if record.context is not None else None)
     idx = find_tokens(tokens, item.word)
     return states[idx], idx
 

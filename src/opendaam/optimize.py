@@ -30,9 +30,10 @@ from opendaam import _kernels
 from opendaam._io import atomic_write_with
 from opendaam.attention import key_weight, text_keys, upsample
 from opendaam.cache import queries
-from opendaam.heatmaps import _key_modules, _to_latent, encode_ids, encode_text, find_tokens, text_encoders
+from opendaam.heatmaps import _key_modules, _to_latent, encode_text, find_tokens
 from opendaam.metrics import confusion, iou_score, normalize_maps
-from opendaam.tracing import Record, store_queries
+from opendaam.tracing import Record, adapter_for, store_queries
+from opendaam.tracing.adapters import UNetCrossAttention, clip_encoders, encode_clip_ids
 
 __all__ = [
     "LOSSES",
@@ -617,17 +618,22 @@ def nearest_words(token: OptimizedToken | Tensor, pipe, k: int = 10, vocabulary:
                   batch: int = 512) -> list[tuple[str, float]]:
     """Words whose single-word embeddings are nearest (cosine) to a token: the mask-to-text direction.
 
-    Each word is encoded as ``<start> word`` (the text encoder is causal, so its output at the word does
-    not depend on what follows). ``vocabulary`` defaults to every whole-word token of the tokenizer.
+    With CLIP (Stable Diffusion, SDXL) each word is encoded as ``<start> word`` (the text encoder is causal, so
+    its output at the word does not depend on what follows); with T5 (PixArt) as the word alone, through the
+    caption projection. ``vocabulary`` defaults to every whole-word token of the tokenizer.
 
     Returns:
         ``k`` (word, cosine similarity) pairs, most similar first.
     """
     x = token.embedding[0] if isinstance(token, OptimizedToken) else token.flatten()
-    tokenizer = pipe.tokenizer
+    adapter = adapter_for(pipe)
+    tokenizer = getattr(pipe, adapter.text_segments(pipe)[0])
+    clip = adapter is UNetCrossAttention
     if vocabulary is None:
         vocab = tokenizer.get_vocab()
-        ids = sorted(i for t, i in vocab.items() if t.endswith("</w>") and t[:-4].isalpha())
+        whole = (lambda t: t.endswith("</w>") and t[:-4].isalpha()) if clip else (
+            lambda t: t.startswith("\u2581") and t[1:].isalpha())  # CLIP marks a word's end, T5 its start
+        ids = sorted(i for t, i in vocab.items() if whole(t))
     else:
         ids = []
         for word in vocabulary:
@@ -636,15 +642,18 @@ def nearest_words(token: OptimizedToken | Tensor, pipe, k: int = 10, vocabulary:
                 ids.append(piece[0])
     if not ids:
         raise ValueError("no single-token words to compare with")
-    start = tokenizer.bos_token_id
-    encoders = len(text_encoders(pipe))
     outs = []
     for i in range(0, len(ids), batch):
-        chunk = torch.tensor([[start, t] for t in ids[i : i + batch]])  # (b, 2), the same ids in every encoder
-        outs.append(encode_ids(pipe, [chunk] * encoders)[:, 1])  # (b, D): the context row of the word
+        part = ids[i : i + batch]
+        if clip:
+            chunk = torch.tensor([[tokenizer.bos_token_id, t] for t in part])  # (b, 2), the same in every encoder
+            outs.append(encode_clip_ids(pipe, [chunk] * len(clip_encoders(pipe)))[:, 1])  # (b, D) the word's row
+        else:
+            words = [w.lstrip("\u2581") for w in tokenizer.convert_ids_to_tokens(part)]
+            outs.append(adapter.encode(pipe, words, length=4).states[:, 0])  # (b, D) the word's first token
     emb = torch.cat(outs)
     sims = F.cosine_similarity(emb, x.float()[None], dim=-1)
     top = sims.topk(min(k, len(ids)))
     names = tokenizer.convert_ids_to_tokens([ids[i] for i in top.indices.tolist()])
-    return [(n[:-4] if n.endswith("</w>") else n, float(s)) for n, s in zip(names, top.values.tolist(),
-                                                                           strict=True)]
+    return [(n[:-4] if n.endswith("</w>") else n.lstrip("\u2581"), float(s))
+            for n, s in zip(names, top.values.tolist(), strict=True)]

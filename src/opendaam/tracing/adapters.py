@@ -31,6 +31,7 @@ __all__ = [
     "ADAPTERS",
     "Adapter",
     "CrossAttention",
+    "EncodedText",
     "FluxAdapter",
     "JointAttention",
     "LayerCall",
@@ -39,6 +40,8 @@ __all__ = [
     "SD3Adapter",
     "UNetCrossAttention",
     "adapter_for",
+    "clip_encoders",
+    "encode_clip_ids",
     "flow_order",
     "layer_presets",
 ]
@@ -54,6 +57,14 @@ class LayerCall:
     temb: Tensor | None = None  # U-Net spatial norm input
     rotary: tuple[Tensor, Tensor] | None = None  # Flux: (cos, sin), each (T + N, head_dim)
     text_len: int = 0  # text tokens of the denoiser's call
+
+
+@dataclass
+class EncodedText:
+    """New text encoded the way the pipeline encodes its prompt, as the attention layers read it."""
+
+    states: Tensor  # (B, T, D) float32 text states the layers' keys are computed from
+    bias: Tensor | None = None  # (B, T) score bias of padding tokens (PixArt), natural-log units
 
 
 class LayerKind:
@@ -233,6 +244,14 @@ class Adapter:
         """Width of the text states the layers' keys are computed from."""
         raise NotImplementedError
 
+    @classmethod
+    def encode(cls, pipe, texts: list[str], length: int | None = None) -> EncodedText:
+        """Texts encoded as the pipeline encodes a prompt, up to the states the attention layers read (padded
+        to ``length`` tokens, or as the pipeline pads)."""
+        raise ValueError(
+            f"open-vocabulary and linear maps of new text are not available for {cls.family}: a word's keys in "
+            "later blocks depend on the image through the text stream; use method='daam' for the prompt's words")
+
     @staticmethod
     def sample(args: tuple, kwargs: dict) -> tuple[Tensor, object]:
         """The noisy latent and the timestep from the denoiser's call arguments (diffusers' transformer pipelines
@@ -289,6 +308,42 @@ class UNetCrossAttention(Adapter):
     def text_input(args: tuple, kwargs: dict) -> Tensor | None:
         return args[2] if len(args) > 2 else kwargs.get("encoder_hidden_states")
 
+    @classmethod
+    def encode(cls, pipe, texts: list[str], length: int | None = None) -> EncodedText:
+        ids = [tokenizer(texts, padding="max_length", max_length=tokenizer.model_max_length, truncation=True,
+                         return_tensors="pt").input_ids for tokenizer, _ in clip_encoders(pipe)]
+        return EncodedText(encode_clip_ids(pipe, ids))
+
+
+def clip_encoders(pipe) -> list[tuple[object, nn.Module]]:
+    """The (tokenizer, text encoder) pairs whose states make a U-Net's text context, in context order: one for
+    Stable Diffusion 1/2, two for SDXL (their penultimate states side by side)."""
+    pairs = [(getattr(pipe, t, None), getattr(pipe, e, None))
+             for t, e in (("tokenizer", "text_encoder"), ("tokenizer_2", "text_encoder_2"))]
+    pairs = [(t, e) for t, e in pairs if t is not None and e is not None]
+    if not pairs:
+        raise ValueError(f"{type(pipe).__name__} has no tokenizer and text encoder to encode new words with")
+    return pairs
+
+
+def encode_clip_ids(pipe, ids: list[Tensor]) -> Tensor:
+    """A U-Net's text context ``(batch, T, text_dim)`` for token ids ``(batch, T)`` of each of
+    :func:`clip_encoders`, built as the pipeline builds it: the last state of a single encoder (Stable Diffusion
+    1/2), or the penultimate states of both encoders side by side (SDXL). The encoders run without gradients and
+    out of any trace's view."""
+    from opendaam.tracing.hooks import quiet_text_hooks
+
+    pairs = clip_encoders(pipe)
+    parts = []
+    with torch.no_grad(), quiet_text_hooks():  # opendaam's own encoding is no generation's prompt
+        for (_, encoder), tokens in zip(pairs, ids, strict=True):
+            if len(pairs) == 1:
+                parts.append(encoder(tokens.to(encoder.device))[0])  # (batch, T, width)
+            else:
+                out = encoder(tokens.to(encoder.device), output_hidden_states=True)
+                parts.append(out.hidden_states[-2])  # (batch, T, width_i)
+    return torch.cat(parts, dim=-1).float().cpu()  # (batch, T, text_dim)
+
 
 def _named(denoiser: nn.Module, wanted) -> dict[str, nn.Module]:
     """``{processor key: module}`` of the attention modules for which ``wanted(module_name, module)`` holds."""
@@ -318,6 +373,25 @@ class PixArtAdapter(Adapter):
     def text_dim(denoiser: nn.Module) -> int:
         # keys read the caption projection's output, the blocks' width
         return int(denoiser.config.num_attention_heads * denoiser.config.attention_head_dim)
+
+    @classmethod
+    def encode(cls, pipe, texts: list[str], length: int | None = None) -> EncodedText:
+        import inspect
+
+        from opendaam.tracing.hooks import quiet_text_hooks
+
+        if length is None:  # the pipeline's own padding: 120 tokens for PixArt-alpha, 300 for Sigma
+            length = inspect.signature(pipe.__call__).parameters["max_sequence_length"].default
+        tokens = pipe.tokenizer(texts, padding="max_length", max_length=length, truncation=True,
+                                add_special_tokens=True, return_tensors="pt")
+        encoder, transformer = pipe.text_encoder, pipe.transformer
+        with torch.no_grad(), quiet_text_hooks():
+            states = encoder(tokens.input_ids.to(encoder.device),
+                             attention_mask=tokens.attention_mask.to(encoder.device))[0]  # (B, T, 4096)
+            if transformer.caption_projection is not None:  # the transformer projects the T5 states itself
+                states = transformer.caption_projection(states.to(transformer.dtype))  # (B, T, inner)
+        bias = (1 - tokens.attention_mask.float()) * -10000.0  # as PixArtTransformer2DModel turns the mask
+        return EncodedText(states.float().cpu(), bias)
 
 
 class SD3Adapter(Adapter):

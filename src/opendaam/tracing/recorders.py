@@ -133,9 +133,14 @@ class TextContext(Recorder):
         for j, acc in enumerate(self.images):
             if "context" not in acc:
                 acc["context"] = batch.context[j].detach().to(self.device, torch.float32, copy=True)  # (T, D)
+                if batch.bias is not None:  # PixArt: which columns the padding mask let through
+                    acc["mask"] = (batch.bias[j] > -1).int().tolist()
 
     def fill(self, record: Record, image: int, finish: Finish) -> None:
-        record.context = self.images[image].get("context")
+        acc = self.images[image]
+        record.context = acc.get("context")
+        if acc.get("mask") is not None and not all(acc["mask"]):
+            record.meta["text_mask"] = acc["mask"]
 
 
 class DaamSums(Recorder):
