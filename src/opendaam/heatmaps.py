@@ -26,6 +26,7 @@ from opendaam.attention import key_weight, softmax_maps, text_keys, upsample
 from opendaam.cache import queries, select_heads, select_layers, select_steps
 from opendaam.metrics import normalize_maps
 from opendaam.tracing import Record, adapter_for, tokenize_prompt
+from opendaam.tracing.tracer import prompt_segments
 
 __all__ = [
     "METHODS",
@@ -433,12 +434,23 @@ def _word_indices(record: Record, item: _Item) -> list[int]:
     its CLIP columns and its T5 columns, which start after CLIP's 77)."""
     tokens = _need_tokens(record)
     try:
-        found = find_tokens(tokens, item.word)
+        return segment_columns(tokens, record.meta.get("segments", []), item.word)
     except KeyError as error:
         raise KeyError(f"{error.args[0]} (prompt: {record.meta.get('prompt')!r})") from None
-    for segment in record.meta.get("segments", [])[1:]:
+
+
+def segment_columns(tokens: list[str], segments: list[dict], word: str) -> list[int]:
+    """A word's columns in the first tokenizer's ``tokens`` and in every further segment (offset by its start).
+
+    Example:
+        >>> clip = ["<|startoftext|>", "a</w>", "car</w>", "<|endoftext|>"]
+        >>> segment_columns(clip, [{}, {"offset": 77, "tokens": ["\u2581a", "\u2581car", "</s>"]}], "car")
+        [2, 78]
+    """
+    found = find_tokens(tokens, word)
+    for segment in segments[1:]:
         try:
-            found += [segment["offset"] + i for i in find_tokens(segment["tokens"], item.word)]
+            found += [segment["offset"] + i for i in find_tokens(segment["tokens"], word)]
         except KeyError:
             continue  # <sot> exists in CLIP's columns only
     return found
@@ -513,6 +525,46 @@ def _open_vocab(record: Record, req: _Request) -> tuple[Tensor, list[list[int]]]
     modules = _key_modules(pipe, record, req.layers)
     columns, local = _unique_columns(groups)
     per_layer = _softmax_maps(record, req, modules, states, columns, domain, bias=bias)
+    return _pool(_to_latent(per_layer, record), local, req.pooling), groups
+
+
+def _open_vocab_replayed(record: Record, req: _Request) -> tuple[Tensor, list[list[int]]]:
+    """Open-vocabulary maps in joint attention: X''s own text stream replayed beside the generation's frozen image
+    stream (:mod:`opendaam.replay`)."""
+    from opendaam.replay import encode_prompt_states, replay_daam
+
+    pipe = _need_pipe(req.pipe, "open-vocabulary maps")
+    if any(it.embedding is not None for it in req.items):
+        raise ValueError("open_vocab in joint attention (SD3, Flux) takes words; embeddings have no text stream to "
+                         "replay")
+    if req.softmax_over != "padded":
+        raise ValueError("open_vocab in joint attention runs the softmax over all text columns, as the model does; "
+                         "leave softmax_over at 'padded'")
+    words = [it.word for it in req.items if it.word is not None]
+    _key_modules(pipe, record, req.layers)  # the same model
+    if isinstance(req.context, str):
+        text = req.context
+    elif record.tokens and all(_in_prompt(record.tokens, w) for w in words):
+        text = None  # X = the prompt: its own states
+    else:
+        missing = [w for w in words if not _in_prompt(record.tokens or [], w)]
+        text = f"{record.meta.get('prompt', '')}, {', '.join(missing)}"
+    if text is None:
+        states, segments = record.context, record.meta.get("segments", [])
+    else:
+        states = encode_prompt_states(pipe, text, record.context.shape[0])
+        segments = prompt_segments(pipe, text)
+    tokens = segments[0]["tokens"] if segments else _need_tokens(record)
+    items = req.items or [_Item(label=t, indices=[i]) for i, t in enumerate(tokens)]
+    req.items = items
+    groups = [it.indices if it.indices is not None else segment_columns(tokens, segments, it.word) for it in items]
+    columns, local = _unique_columns(groups)
+    daam = replay_daam(record, pipe, states, req.layers, req.positions)
+    per_layer = {}
+    for name in req.layers:
+        hs = select_heads(record.layers[name], req.heads)
+        probs = daam[name] if hs is None else daam[name][hs]  # (heads, N, T)
+        per_layer[name] = probs.sum(0)[:, columns].T  # (J, N)
     return _pool(_to_latent(per_layer, record), local, req.pooling), groups
 
 
@@ -655,7 +707,9 @@ class Method:
 
 METHODS: dict[str, Method] = {m.name: m for m in (
     Method("daam", _daam, "max", "softmax cross-attention of the generating prompt's tokens"),
-    Method("open_vocab", _open_vocab, "max", "softmax attention of the cached queries over any text's keys"),
+    Method("open_vocab", lambda record, request: (_open_vocab_replayed if record.replay else _open_vocab)(
+        record, request), "max", "softmax attention of the cached queries (joint attention: the replayed steps) "
+        "over any text's keys"),
     Method("linear", _linear, "minmax", "query-key products without softmax for one embedding: M x"),
 )}
 """Heatmap methods by name: the one registry every module and command takes methods from."""

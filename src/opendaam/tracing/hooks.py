@@ -18,7 +18,8 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor, nn
 
-__all__ = ["GenerationClock", "ProcessorHooks", "StepInfo", "TextCall", "TextEncoderHooks", "quiet_text_hooks"]
+__all__ = ["GenerationClock", "ProcessorHooks", "StepInfo", "TextCall", "TextEncoderHooks", "quiet_text_hooks",
+           "wrap_processor"]
 
 _QUIET = threading.local()
 
@@ -67,11 +68,12 @@ class _RecordingProcessor:
         return out
 
 
-def wrap_processor(inner, name: str, observe: Callable):
+def wrap_processor(inner, name: str, observe: Callable, base: type | None = None):
     """A processor that runs ``inner`` unchanged, then calls ``observe(name, attn, hidden_states, inputs)``; its
     signature mirrors ``inner``'s (diffusers drops keyword arguments that a processor's signature does not name),
-    and positional arguments are read by the names ``inner`` gives them."""
-    base = _RecordingProcessor
+    and positional arguments are read by the names ``inner`` gives them. ``base`` may be a subclass of the
+    recording processor that does more around the call."""
+    base = base or _RecordingProcessor
     try:
         signature = inspect.signature(type(inner).__call__)
     except (TypeError, ValueError):
@@ -83,7 +85,7 @@ def wrap_processor(inner, name: str, observe: Callable):
         return base.__call__(self, attn, hidden_states, *args, **kwargs)
 
     __call__.__signature__ = signature
-    cls = type(f"Recording{type(inner).__name__}", (base,), {"__call__": __call__,
+    cls = type(f"{base.__name__.strip('_')}{type(inner).__name__}", (base,), {"__call__": __call__,
                                                               "positional": tuple(p.name for p in params)})
     return cls(inner, name, observe)
 

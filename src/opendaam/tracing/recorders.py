@@ -24,6 +24,7 @@ __all__ = [
     "LinearMatrix",
     "QueryCache",
     "Recorder",
+    "ReplayInputs",
     "TextContext",
     "build_linear_map",
     "probability_chunks",
@@ -120,6 +121,9 @@ class Recorder:
 
     def add(self, batch: LayerBatch) -> None:
         """Take what is needed from one layer's batch (after all its probability chunks)."""
+
+    def on_call(self, rows: slice, args: tuple, kwargs: dict) -> None:
+        """Take what is needed from a recorded denoiser call (``rows``: its conditional batch rows)."""
 
     def fill(self, record: Record, image: int, finish: Finish) -> None:
         """Write this recorder's field of image ``image``'s record."""
@@ -239,6 +243,35 @@ class LinearMatrix(Recorder):
             record.query_sums = sums
 
 
+class ReplayInputs(Recorder):
+    """What the denoiser was called with at the recorded steps (the conditional row), so that a new text's
+    stream can be run again beside the frozen image stream (:mod:`opendaam.replay`): the latent and timestep per
+    step, and the call's constant conditioning once."""
+
+    CONSTANT = ("pooled_projections", "guidance", "img_ids", "txt_ids")  # SD3 and Flux call arguments
+
+    def on_call(self, rows: slice, args: tuple, kwargs: dict) -> None:
+        hidden = args[0] if args else kwargs["hidden_states"]
+        timestep = kwargs.get("timestep")
+        batch = hidden.shape[0]
+        for j, acc in enumerate(self.images):
+            row = rows.start + j
+            acc.setdefault("hidden_states", []).append(hidden[row].detach().to(self.device, copy=True))
+            t = timestep[row] if isinstance(timestep, Tensor) and timestep.ndim else torch.as_tensor(timestep)
+            acc.setdefault("timestep", []).append(t.detach().to(self.device, torch.float32, copy=True))
+            for key in self.CONSTANT:
+                value = kwargs.get(key)
+                if key not in acc and isinstance(value, Tensor):
+                    batched = value.ndim and value.shape[0] == batch and not key.endswith("_ids")  # ids: (N, 3)
+                    acc[key] = (value[row] if batched else value).detach().to(self.device, copy=True)
+
+    def fill(self, record: Record, image: int, finish: Finish) -> None:
+        acc = self.images[image]
+        if not acc:
+            return
+        record.replay = {k: torch.stack(v) if isinstance(v, list) else v for k, v in acc.items()}
+
+
 def build_linear_map(
     query_sums: dict[str, Tensor],
     layers: dict[str, LayerInfo],
@@ -311,4 +344,6 @@ def recorders_for(config) -> list[Recorder]:
         chosen.append(QueryCache(config.query_dtype, device))
     if config.linear or config.linear_layers:
         chosen.append(LinearMatrix(matrix=config.linear, keep_sums=config.linear_layers, device=device))
+    if config.replay:
+        chosen.append(ReplayInputs(device))
     return chosen

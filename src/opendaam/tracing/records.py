@@ -55,6 +55,9 @@ class Record:
         query_sums: layer -> ``(N, inner)`` queries summed over steps (opt-in, for layer selection).
         linear_map: ``(h * w, text_dim)`` matrix M: the linear map of x is ``M @ x`` at latent size.
         linear_bias: ``(h * w,)`` the constant term, only when W_k has a bias.
+        replay: joint attention (SD3, Flux): what the denoiser was called with at the recorded steps, for
+            open-vocabulary maps of new text: ``hidden_states`` ``(steps, ...)`` and ``timestep`` ``(steps,)``
+            of the conditional row, and the call's constant inputs (pooled embeddings, guidance, position ids).
     """
 
     meta: dict = field(default_factory=dict)
@@ -67,6 +70,7 @@ class Record:
     query_sums: dict[str, Tensor] = field(default_factory=dict)
     linear_map: Tensor | None = None
     linear_bias: Tensor | None = None
+    replay: dict[str, Tensor] = field(default_factory=dict)
 
     @property
     def latent_size(self) -> tuple[int, int]:
@@ -206,6 +210,9 @@ class Record:
             if self.linear_map is not None and self.linear_map.shape[-1] != text_dim:
                 return f"linear_map is {self.linear_map.shape[-1]} wide but text_dim is {text_dim}"
         tokens = self.context.shape[0] if self.context is not None else None
+        replayed = self.replay.get("hidden_states")
+        if replayed is not None and replayed.shape[0] != len(self.steps):
+            return f"replay holds {replayed.shape[0]} steps but the record names {len(self.steps)}"
         for kind in ("daam", "daam_steps", "queries", "query_scales", "query_sums"):
             for name, tensor in getattr(self, kind).items():
                 info = self.layers.get(name)

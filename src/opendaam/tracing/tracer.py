@@ -22,10 +22,10 @@ from torch import Tensor
 from opendaam.attention import LOG2E, UPSAMPLE_MODES
 from opendaam.tracing.adapters import LayerCall, adapter_for, layer_presets
 from opendaam.tracing.hooks import GenerationClock, ProcessorHooks, TextCall, TextEncoderHooks
-from opendaam.tracing.recorders import Finish, LayerBatch, probability_chunks, recorders_for
+from opendaam.tracing.recorders import Finish, LayerBatch, Recorder, probability_chunks, recorders_for
 from opendaam.tracing.records import LayerInfo, Record
 
-__all__ = ["TraceConfig", "Tracer", "expand_layers", "tokenize_prompt", "trace"]
+__all__ = ["TraceConfig", "Tracer", "expand_layers", "prompt_segments", "tokenize_prompt", "trace"]
 
 
 @dataclass(frozen=True)
@@ -42,6 +42,7 @@ class TraceConfig:
     steps: tuple[int, ...] | None = None  # U-Net call indices to record (0 = first); None is all
     upsample: str = "bicubic"  # DAAM's interpolation from each layer to latent size; M is built with it
     joint_slice: bool = False  # MM-DiT: the text columns of the joint softmax (costs the image-image scores too)
+    replay: bool = False  # MM-DiT: keep each step's latent (small) so open_vocab can rerun a new text's stream
     device: str = "cpu"  # records stay off the accelerator so long runs do not run out of its memory
 
     def __post_init__(self):
@@ -49,7 +50,7 @@ class TraceConfig:
             raise ValueError(f"query_dtype must be float16, bfloat16, float32 or int8, not {self.query_dtype!r}")
         if self.upsample not in UPSAMPLE_MODES:
             raise ValueError(f"upsample must be one of {', '.join(UPSAMPLE_MODES)}, not {self.upsample!r}")
-        if not (self.daam or self.daam_per_step or self.queries or self.linear is not False):
+        if not (self.daam or self.daam_per_step or self.queries or self.linear is not False or self.replay):
             raise ValueError("nothing to record: enable at least one of daam, daam_per_step, queries, linear")
 
 
@@ -98,11 +99,15 @@ class Tracer:
         self.denoiser = self.adapter.denoiser(pipe)
         self.layers = _select_layers(self.adapter.layers(self.denoiser), config.layers)
         self.kinds = {name: self.adapter.kind(name, module) for name, module in self.layers.items()}
+        if config.replay and self.adapter.linear_keys:
+            raise ValueError(f"replay=True is for joint attention; in {self.adapter.family} open-vocabulary maps "
+                             "come from the query cache: trace with queries=True")
         if config.joint_slice and not any(kind.joint for kind in self.kinds.values()):
             raise ValueError(f"joint_slice=True reads joint attention; {self.adapter.family} attends to the text "
                              "alone, so its DAAM is already the whole softmax: leave joint_slice out")
         self.recorders = recorders_for(config)
         self._prob_users = [r for r in self.recorders if r.uses_probs]
+        self._call_users = [r for r in self.recorders if type(r).on_call is not Recorder.on_call]
         self._name(prompt, meta)
         self._records: list[Record] = []
         self._made = 0
@@ -153,6 +158,8 @@ class Tracer:
         self._gen_meta["calls"] = tick.step + 1
         if tick.rows is not None:
             self._gen_meta["steps"].append(tick.step)
+            for recorder in self._call_users:
+                recorder.on_call(tick.rows, args, kwargs)
         self._rows = tick.rows
 
     def _start_generation(self, sample: Tensor, kwargs: dict) -> None:
@@ -388,7 +395,7 @@ class Tracer:
         """Set the prompts (tokenized, checked against the 77-token limit) and metadata of coming records."""
         self.prompts = [prompt] if isinstance(prompt, str) else (list(prompt) if prompt is not None else None)
         if self.prompts is not None:
-            self._named_segments = [_named_segments(self.pipe, self.adapter, p) for p in self.prompts]
+            self._named_segments = [prompt_segments(self.pipe, p) for p in self.prompts]
         self.extra_meta = dict(meta or {})
 
     def pop_records(self) -> list[Record]:
@@ -421,10 +428,16 @@ def _decode(pipe, segment: dict) -> str:
     return _tokenizer_of(pipe, segment["tokenizer"]).decode(segment["token_ids"], skip_special_tokens=True).strip()
 
 
-def _named_segments(pipe, adapter, prompt: str) -> list[dict]:
-    """Every segment of a prompt given by name: its ids from each tokenizer of the context (the first checked
-    against the encoder's length limit)."""
-    names = adapter.text_segments(pipe)
+def prompt_segments(pipe, prompt: str) -> list[dict]:
+    """Every segment of a prompt's token columns in the denoiser's text input: its ids and tokens from each
+    tokenizer of the context, where its columns start (the first checked against the encoder's length limit).
+
+    Example:
+        >>> from opendaam.models import build_pipeline
+        >>> [(s["tokenizer"], s["offset"], s["tokens"][1:3]) for s in prompt_segments(build_pipeline("tiny"), "a car")]
+        [('tokenizer', 0, ['a</w>', 'car</w>'])]
+    """
+    names = adapter_for(pipe).text_segments(pipe)
     ids, _ = tokenize_prompt(pipe, prompt, names[0])
     segments = [_segment(pipe, names[0], 0, ids)]
     offset = _tokenizer_of(pipe, names[0]).model_max_length
