@@ -486,6 +486,21 @@ class _OpenVocabObjective:
         return torch.stack(maps)  # (N, 2, P)
 
 
+class _ReplayObjective:
+    """Joint attention (SD3, Flux): maps of X' = [object, background] from its own text stream, replayed beside
+    each generation's frozen image stream (:func:`opendaam.replay.token_maps`), differentiable in X'."""
+
+    def __init__(self, records: Sequence[Record], pipe):
+        if pipe is None:
+            raise ValueError("open_vocab optimization in joint attention replays the generation: pass pipe=...")
+        self.records, self.pipe = records, pipe
+
+    def __call__(self, x: Tensor) -> Tensor:
+        from opendaam.replay import token_maps
+
+        return torch.stack([token_maps(r, self.pipe, x) for r in self.records])  # (N, 2, P)
+
+
 def optimize_token(
     records: Sequence[Record],
     masks: Sequence,
@@ -554,7 +569,8 @@ def optimize_token(
         objective = _LinearObjective(records)
         rows = [x0]
     else:
-        objective = _OpenVocabObjective(records, pipe, cfg.queries, cfg.native)
+        objective = _ReplayObjective(records, pipe) if records[0].replay else _OpenVocabObjective(
+            records, pipe, cfg.queries, cfg.native)
         gen = torch.Generator().manual_seed(cfg.seed)
         rows = [x0, torch.randn(x0.shape, generator=gen) * x0.std()]  # object, background
     x = torch.nn.Parameter(torch.stack(rows))  # (tokens, D)

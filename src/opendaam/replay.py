@@ -22,9 +22,10 @@ import torch
 from torch import Tensor
 
 from opendaam.tracing import Record, adapter_for, trace
+from opendaam.tracing.adapters import LayerCall
 from opendaam.tracing.hooks import _RecordingProcessor, wrap_processor
 
-__all__ = ["encode_prompt_states", "replay_daam"]
+__all__ = ["encode_prompt_states", "replay_daam", "token_maps"]
 
 
 class _FrozenImages(_RecordingProcessor):
@@ -128,3 +129,89 @@ def replay_daam(record: Record, pipe, states: Tensor, layers: Sequence[str] | No
             denoiser(hidden_states=torch.stack([latent, latent]), encoder_hidden_states=text,
                      timestep=torch.stack([timestep, timestep]).to(dtype), return_dict=False, **constant)
     return tracer.records[-1].daam  # the second row: X' (the clock may or may not take the pair for guidance)
+
+
+class _TokenMaps(_FrozenImages):
+    """Frozen image stream, and the object map of the second row's first two text columns: at each text layer,
+    the first row's image queries against them, ``sigmoid`` of the score difference summed over heads (the
+    two-token softmax), differentiable in the text stream."""
+
+    def __call__(self, attn, hidden_states, *args, **kwargs):
+        maps, kind, text_len = self.observe()
+        inputs = dict(zip(self.positional, args, strict=False))
+        inputs.update(kwargs)
+        call = LayerCall(hidden_states=hidden_states, encoder_hidden_states=inputs.get("encoder_hidden_states"),
+                         attention_mask=inputs.get("attention_mask"), temb=inputs.get("temb"),
+                         rotary=inputs.get("image_rotary_emb"), text_len=text_len)
+        layer = kind[self.name]
+        with torch.no_grad():  # the generation's image queries: constants
+            q = layer.queries(attn, layer.query_input(attn, call, slice(0, 1)), call)[1].float()  # (1, H, N, d)
+        k = layer.keys(attn, layer.text_states(attn, call, slice(1, 2)), call)  # (1, H, T, d), with gradient
+        scores = torch.matmul(q, k[..., :2, :].transpose(-1, -2)) * layer.scale(attn)  # (1, H, N, 2)
+        maps[self.name] = torch.sigmoid(scores[..., 0] - scores[..., 1]).sum((0, 1))  # (N,) object map
+        out = self.inner(attn, hidden_states, *args, **kwargs)
+        image = out[0] if isinstance(out, tuple) else out
+        start = 0 if isinstance(out, tuple) else text_len
+        rows = torch.cat([image[:1], torch.cat([image[1:, :start], image[:1, start:]], dim=1)])  # frozen images
+        return (rows, *out[1:]) if isinstance(out, tuple) else rows
+
+
+def token_maps(record: Record, pipe, x: Tensor, steps: Sequence[int] | None = None) -> Tensor:
+    """Object and background maps ``(2, h * w)`` at latent size of a two-token text X' = [object, background]
+    in a recorded joint-attention generation, summed over layers, heads and the replayed steps, differentiable in
+    ``x`` ``(2, D)``: X' runs as the first two columns of a text of the prompt's length (the remaining columns
+    are the empty prompt's, as any prompt's padding) beside the frozen image stream; each layer's object map is
+    the two-token softmax of the generation's image queries over X''s keys there.
+
+    Raises:
+        ValueError: the record has no replay data.
+    """
+    from opendaam.attention import upsample
+
+    if not record.replay:
+        raise ValueError("optimizing a token in joint attention replays the generation: trace with "
+                         "opendaam.trace(pipe, replay=True)")
+    adapter = adapter_for(pipe)
+    denoiser = adapter.denoiser(pipe)
+    device, dtype = denoiser.device, denoiser.dtype
+    length = record.context.shape[0]
+    padding = _empty_prompt(pipe, length)  # (T, D)
+    text = torch.cat([x.to(device, dtype), padding[2:].to(device, dtype)])  # (T, D): X' then padding
+    replay = record.replay
+    constant = {key: torch.stack([replay[key]] * 2).to(device, dtype) for key in ("pooled_projections", "guidance")
+                if key in replay}
+    constant.update({key: replay[key].to(device) for key in ("img_ids", "txt_ids") if key in replay})
+    names = list(record.layers)
+    kinds = {n: adapter.kind(n, m) for n, m in adapter.layers(denoiser).items() if n in record.layers}
+    maps: dict[str, Tensor] = {}
+    text_len = {"value": length}
+    current = dict(denoiser.attn_processors)
+    wrappers = {n: wrap_processor(current[n], n, lambda: (maps, kinds, text_len["value"]), base=_TokenMaps)
+                for n in names}
+    h, w = record.latent_size
+    mode = record.meta.get("trace_config", {}).get("upsample", "bicubic")
+    total = None
+    denoiser.set_attn_processor({**current, **wrappers})
+    try:
+        for i in range(replay["hidden_states"].shape[0]) if steps is None else steps:
+            latent = replay["hidden_states"][i].to(device, dtype)
+            timestep = replay["timestep"][i].to(device, dtype)
+            denoiser(hidden_states=torch.stack([latent, latent]),
+                     encoder_hidden_states=torch.stack([record.context.to(device, dtype), text]),
+                     timestep=torch.stack([timestep, timestep]), return_dict=False, **constant)
+            for name in names:
+                info = record.layers[name]
+                grid = maps.pop(name).float().reshape(1, info.height, info.width)
+                up = upsample(grid, (h, w), mode).reshape(-1)  # (h*w,)
+                total = up if total is None else total + up
+    finally:
+        now = dict(denoiser.attn_processors)
+        denoiser.set_attn_processor({n: wrappers[n].inner if now[n] is wrappers.get(n) else p for n, p in now.items()})
+    count = replay["hidden_states"].shape[0] if steps is None else len(steps)
+    heads = sum(record.layers[n].heads for n in names)  # interpolation keeps constants: background = all - object
+    return torch.stack([total, heads * count - total])  # (2, h*w): object, background
+
+
+def _empty_prompt(pipe, length: int) -> Tensor:
+    """The denoiser's text input for the empty prompt (its padding columns fill a token's text)."""
+    return encode_prompt_states(pipe, "", length)
