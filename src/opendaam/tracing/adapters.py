@@ -239,6 +239,12 @@ class Adapter:
         """How the layer ``name`` computes its queries and keys."""
         return _CROSS
 
+    @classmethod
+    def self_layers(cls, denoiser: nn.Module) -> dict[str, nn.Module]:
+        """The image self-attention modules (pixel-to-pixel affinities for label refinement), by processor key."""
+        raise ValueError(f"self-attention refinement reads image-only attention layers; {cls.family} has its "
+                         "image tokens attend together with the text (not available yet)")
+
     @staticmethod
     def text_dim(denoiser: nn.Module) -> int:
         """Width of the text states the layers' keys are computed from."""
@@ -297,6 +303,11 @@ class UNetCrossAttention(Adapter):
     @staticmethod
     def text_dim(denoiser: nn.Module) -> int:
         return int(denoiser.config.cross_attention_dim)
+
+    @classmethod
+    def self_layers(cls, denoiser: nn.Module) -> dict[str, nn.Module]:
+        return _named(denoiser, lambda name, m: type(m).__name__ == "Attention"
+                      and not getattr(m, "is_cross_attention", True))
 
     @staticmethod
     def sample(args: tuple, kwargs: dict) -> tuple[Tensor, object]:
@@ -373,6 +384,10 @@ class PixArtAdapter(Adapter):
     def text_dim(denoiser: nn.Module) -> int:
         # keys read the caption projection's output, the blocks' width
         return int(denoiser.config.num_attention_heads * denoiser.config.attention_head_dim)
+
+    @classmethod
+    def self_layers(cls, denoiser: nn.Module) -> dict[str, nn.Module]:
+        return UNetCrossAttention.self_layers(denoiser)
 
     @classmethod
     def encode(cls, pipe, texts: list[str], length: int | None = None) -> EncodedText:

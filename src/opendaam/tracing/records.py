@@ -55,6 +55,8 @@ class Record:
         query_sums: layer -> ``(N, inner)`` queries summed over steps (opt-in, for layer selection).
         linear_map: ``(h * w, text_dim)`` matrix M: the linear map of x is ``M @ x`` at latent size.
         linear_bias: ``(h * w,)`` the constant term, only when W_k has a bias.
+        self_attention: layer -> ``(N, N)`` image self-attention affinities, the mean over heads summed over the
+            recorded steps (rows: query pixels), for label refinement; grids in ``meta["self_attention_grids"]``.
         replay: joint attention (SD3, Flux): what the denoiser was called with at the recorded steps, for
             open-vocabulary maps of new text: ``hidden_states`` ``(steps, ...)`` and ``timestep`` ``(steps,)``
             of the conditional row, and the call's constant inputs (pooled embeddings, guidance, position ids).
@@ -71,6 +73,7 @@ class Record:
     linear_map: Tensor | None = None
     linear_bias: Tensor | None = None
     replay: dict[str, Tensor] = field(default_factory=dict)
+    self_attention: dict[str, Tensor] = field(default_factory=dict)
 
     @property
     def latent_size(self) -> tuple[int, int]:
@@ -210,6 +213,11 @@ class Record:
             if self.linear_map is not None and self.linear_map.shape[-1] != text_dim:
                 return f"linear_map is {self.linear_map.shape[-1]} wide but text_dim is {text_dim}"
         tokens = self.context.shape[0] if self.context is not None else None
+        grids = meta.get("self_attention_grids", {})
+        for name, affinity in self.self_attention.items():
+            grid = grids.get(name)
+            if grid is None or tuple(affinity.shape) != (grid[0] * grid[1],) * 2:
+                return f"self_attention[{name}] is {tuple(affinity.shape)}, its grid is {grid}"
         replayed = self.replay.get("hidden_states")
         if replayed is not None and replayed.shape[0] != len(self.steps):
             return f"replay holds {replayed.shape[0]} steps but the record names {len(self.steps)}"

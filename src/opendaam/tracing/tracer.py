@@ -19,8 +19,8 @@ from dataclasses import asdict, dataclass, replace
 import torch
 from torch import Tensor
 
-from opendaam.attention import LOG2E, UPSAMPLE_MODES
-from opendaam.tracing.adapters import LayerCall, adapter_for, layer_presets
+from opendaam.attention import LOG2E, UPSAMPLE_MODES, image_queries, softmax_maps, text_keys
+from opendaam.tracing.adapters import LayerCall, LayerKind, adapter_for, layer_presets
 from opendaam.tracing.hooks import GenerationClock, ProcessorHooks, TextCall, TextEncoderHooks
 from opendaam.tracing.recorders import Finish, LayerBatch, Recorder, probability_chunks, recorders_for
 from opendaam.tracing.records import LayerInfo, Record
@@ -43,6 +43,7 @@ class TraceConfig:
     upsample: str = "bicubic"  # DAAM's interpolation from each layer to latent size; M is built with it
     joint_slice: bool = False  # MM-DiT: the text columns of the joint softmax (costs the image-image scores too)
     replay: bool = False  # MM-DiT: keep each step's latent (small) so open_vocab can rerun a new text's stream
+    self_attention: tuple[str, ...] | None = None  # self-attention layers to keep (N^2 floats each) for refinement
     device: str = "cpu"  # records stay off the accelerator so long runs do not run out of its memory
 
     def __post_init__(self):
@@ -53,6 +54,8 @@ class TraceConfig:
         if not (self.daam or self.daam_per_step or self.queries or self.linear is not False or self.replay):
             raise ValueError("nothing to record: enable at least one of daam, daam_per_step, queries, linear")
 
+
+_SELF = LayerKind()  # image self-attention: the query input is computed as in cross-attention
 
 _BUFFER_BYTES = 8 << 20
 """Per-layer budget for buffered query inputs: small layers are computed a batch of steps at a time (one
@@ -99,6 +102,9 @@ class Tracer:
         self.denoiser = self.adapter.denoiser(pipe)
         self.layers = _select_layers(self.adapter.layers(self.denoiser), config.layers)
         self.kinds = {name: self.adapter.kind(name, module) for name, module in self.layers.items()}
+        self.self_layers = {} if config.self_attention is None else _select_layers(
+            self.adapter.self_layers(self.denoiser), config.self_attention)
+        self._affinity: dict[str, list] = {}  # per self-attention layer, per image: summed (N, N) and grid
         if config.replay and self.adapter.linear_keys:
             raise ValueError(f"replay=True is for joint attention; in {self.adapter.family} open-vocabulary maps "
                              "come from the query cache: trace with queries=True")
@@ -128,7 +134,8 @@ class Tracer:
     def _install(self) -> None:
         """Wrap the processors of the recorded layers, pre-hook the denoiser, hook the text encoders."""
         self._text = TextEncoderHooks(self.pipe)
-        self._hooks = ProcessorHooks(self.denoiser, list(self.layers), self._observe, self._on_call)
+        self._hooks = ProcessorHooks(self.denoiser, list(self.layers) + list(self.self_layers), self._observe,
+                                     self._on_call)
 
     def _restore(self, failed: bool = False) -> None:
         """Take out what :meth:`_install` added; records of an interrupted generation are marked incomplete."""
@@ -228,11 +235,16 @@ class Tracer:
         self._key_cache = {}  # drop the references to this generation's text states
         self._text_calls = []
         self._gen_text = None
+        self._affinity = {}
 
     # -- recording inside a layer -------------------------------------------------------------------
     def _observe(self, name: str, attn, hidden_states: Tensor, inputs: dict) -> None:
         """Buffer one layer's conditional query inputs of the current step; :meth:`_flush` computes from them."""
         rows = self._rows
+        if name in self.self_layers:
+            if rows is not None:
+                self._observe_self(name, attn, hidden_states, inputs, rows)
+            return
         kind = self.kinds[name]
         call = LayerCall(hidden_states=hidden_states, encoder_hidden_states=inputs.get("encoder_hidden_states"),
                          attention_mask=inputs.get("attention_mask"), temb=inputs.get("temb"),
@@ -268,6 +280,23 @@ class Tracer:
         buf.count += 1
         buf.positions.append(position)
         buf.attn, buf.context, buf.keys, buf.bias, buf.call = attn, context, keys, bias, call
+
+    @torch.no_grad()
+    def _observe_self(self, name: str, attn, hidden_states: Tensor, inputs: dict, rows: slice) -> None:
+        """Add one step's head-mean self-attention affinities ``(N, N)`` of the conditional images."""
+        call = LayerCall(hidden_states=hidden_states, temb=inputs.get("temb"))
+        h = self.kinds.get(name, _SELF).query_input(attn, call, rows)  # (n, N, dim)
+        _, q = image_queries(attn, h)  # (n, heads, N, head_dim)
+        k = text_keys(attn, h, exact_module=True)  # the image tokens' own keys, (n, heads, N, head_dim)
+        probs = softmax_maps(k.float(), q.float(), float(attn.scale))  # (n, heads, N keys, N queries)
+        affinity = probs.mean(1).transpose(-1, -2)  # (n, N queries, N keys): each row sums to 1
+        slots = self._affinity.setdefault(name, [None] * self._images)
+        for j in range(affinity.shape[0]):
+            a = affinity[j].to(self.config.device)
+            slots[j] = a.clone() if slots[j] is None else slots[j].add_(a)
+        if name not in self._gen_meta.setdefault("self_attention_grids", {}):
+            lh, lw = self._gen_meta["latent_size"]
+            self._gen_meta["self_attention_grids"][name] = list(_layer_shape(lh, lw, affinity.shape[-1], name))
 
     def _flush(self, name: str | None = None) -> None:
         """Compute what the buffered steps of one layer (all layers when ``name`` is None) contribute."""
@@ -336,6 +365,7 @@ class Tracer:
         record = Record(meta=meta, layers=dict(finish.layers))
         for recorder in self.recorders:
             recorder.fill(record, row, finish)
+        record.self_attention = {n: slots[row] for n, slots in self._affinity.items() if slots[row] is not None}
         meta.update(self._prompt_of(row))
         return record
 
