@@ -8,7 +8,8 @@ import numpy as np
 
 from opendaam.dataset.cityscapes import IGNORE
 
-__all__ = ["BACKGROUND", "IGNORE", "connected_components", "label_map", "mask_stats"]
+__all__ = ["BACKGROUND", "IGNORE", "adaptive_label_map", "connected_components", "label_map", "mask_stats",
+           "otsu_threshold"]
 
 BACKGROUND = 0
 """Label of pixels where no class map reaches the low threshold."""
@@ -38,6 +39,65 @@ def label_map(scores: np.ndarray, ids: Sequence[int], low: float, high: float) -
     peak = scores.max(axis=0)  # (H, W) its value
     labels = np.where(peak >= high, lut[best], np.uint8(IGNORE)).astype(np.uint8)  # (H, W)
     labels[peak < low] = BACKGROUND
+    return labels
+
+
+def otsu_threshold(values: np.ndarray, bins: int = 64) -> float:
+    """The threshold that best splits ``values`` in [0, 1] into two classes (Otsu: largest between-class
+    variance of a histogram). Written here in a few numpy lines rather than taken from scikit-image, which would be
+    a large dependency for this one function.
+
+    Example:
+        >>> v = np.concatenate([np.full(50, 0.1), np.full(30, 0.8)])
+        >>> 0.1 < otsu_threshold(v) <= 0.8
+        True
+    """
+    counts, edges = np.histogram(np.clip(values, 0.0, 1.0), bins=bins, range=(0.0, 1.0))
+    centers = (edges[:-1] + edges[1:]) / 2
+    weight = counts.cumsum()  # pixels at or below each bin
+    total = weight[-1]
+    mass = (counts * centers).cumsum()
+    below, above = weight[:-1], total - weight[:-1]
+    valid = (below > 0) & (above > 0)
+    if not valid.any():
+        return float(centers[-1])
+    mean_low = mass[:-1] / np.maximum(below, 1)
+    mean_high = (mass[-1] - mass[:-1]) / np.maximum(above, 1)
+    between = np.where(valid, below * above * (mean_low - mean_high) ** 2, -1.0)
+    return float(edges[1:][:-1][between.argmax()])
+
+
+def adaptive_label_map(scores: np.ndarray, ids: Sequence[int], margin: float = 0.1,
+                       min_gap: float = 0.1) -> np.ndarray:
+    """Label map with a threshold per image and class, and uncertain pixels ignored (255).
+
+    Each class map gets its own Otsu threshold ``t``: a pixel is that class where its best map is at least
+    ``t + margin``, background where every map is below its ``t - margin``, and 255 in between, or where the best
+    map leads the second by less than ``min_gap`` (two classes claim it).
+
+    Args:
+        scores: ``(classes, H, W)`` normalized maps in [0, 1].
+        ids: label id of each map.
+        margin: half-width of the uncertain band around each threshold.
+        min_gap: smallest lead of the best map over the second for a confident label.
+
+    Example:
+        >>> s = np.array([[[0.9, 0.85, 0.0, 0.0]], [[0.0, 0.8, 0.9, 0.0]]])  # two class maps, four pixels
+        >>> adaptive_label_map(s, [1, 2]).tolist()  # the second pixel is claimed by both: ignored
+        [[1, 255, 2, 0]]
+    """
+    if scores.ndim != 3 or scores.shape[0] != len(ids):
+        raise ValueError(f"scores must be (classes, H, W) with one id per class, got {scores.shape} and {len(ids)}")
+    thresholds = np.array([otsu_threshold(c.ravel()) for c in scores])[:, None, None]  # (classes, 1, 1)
+    lut = np.asarray(ids, dtype=np.uint8)
+    order = np.sort(scores, axis=0)
+    best = scores.argmax(axis=0)  # (H, W)
+    peak = order[-1]
+    gap = peak - order[-2] if scores.shape[0] > 1 else np.ones_like(peak)
+    own = np.take_along_axis(thresholds + 0 * scores, best[None], 0)[0]  # (H, W) the best class' threshold
+    labels = np.full(peak.shape, IGNORE, dtype=np.uint8)
+    labels[(peak >= own + margin) & (gap >= min_gap)] = lut[best][(peak >= own + margin) & (gap >= min_gap)]
+    labels[(scores < thresholds - margin).all(axis=0)] = BACKGROUND
     return labels
 
 
