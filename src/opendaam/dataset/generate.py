@@ -75,14 +75,25 @@ def current_shard(rank: int | None = None, world: int | None = None) -> Shard:
 
     When accelerate's state disagrees with ``WORLD_SIZE`` (it reports one process when it set up no process
     group, e.g. CPU-only machines launched with ``--multi_gpu``), the environment variables win and the
-    shards are joined with ``opendaam dataset merge``.
+    shards are joined with ``opendaam dataset merge``. ``accelerate launch --num_processes N`` without
+    ``--multi_gpu`` on a machine without GPUs starts a single process (it sets ``MASTER_ADDR`` but no
+    ``WORLD_SIZE``): that is refused, since the user asked for N shards.
+
+    Raises:
+        DatasetError: a bad rank or world size, or accelerate started one process where several were asked.
 
     Example:
         >>> current_shard(2, 4)
         Shard(rank=2, world=4, state=None)
     """
     state = None
-    if rank is None and world is None and "ACCELERATE_MIXED_PRECISION" in os.environ:
+    launched = "ACCELERATE_MIXED_PRECISION" in os.environ  # set by accelerate launch in every process it starts
+    if rank is None and world is None and launched and "MASTER_ADDR" in os.environ and "WORLD_SIZE" not in os.environ:
+        raise DatasetError(
+            "accelerate launch was asked for several processes but started one (on a machine without GPUs it "
+            "needs --multi_gpu): run accelerate launch --multi_gpu --num_processes N -m opendaam.cli dataset "
+            "generate ..., or start N processes yourself with --rank R --world-size N")
+    if rank is None and world is None and launched:
         try:
             from accelerate import PartialState
 

@@ -42,6 +42,7 @@ __all__ = [
     "load_spec",
     "parse_spec",
     "render_template",
+    "rendered_prompts",
     "spec_hash",
 ]
 
@@ -464,6 +465,17 @@ def item_count(spec: DatasetSpec) -> int:
         4
     """
     return (len(spec.prompts) + sum(len(c.prompts) for c in spec.classes)) * spec.seed_count
+
+
+def rendered_prompts(spec: DatasetSpec) -> list[str]:
+    """Every prompt of the spec once, in item order (the classes' templates, then the top-level ones).
+
+    Example:
+        >>> rendered_prompts(parse_spec({"classes": [{"name": "car", "prompts": ["a {}"]}], "seeds": [1, 2]}))
+        ['a car']
+    """
+    templates = [(t, c.name) for c in spec.classes for t in c.prompts] + [(t, None) for t in spec.prompts]
+    return [_render_any(spec, t, own)[0] for t, own in templates]
 
 
 def check_files(spec: DatasetSpec) -> None:
