@@ -154,6 +154,12 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, KeyError, OSError, RuntimeError, MemoryError) as error:
         print(f"opendaam {args.command}: error: {_message(error)}", file=sys.stderr)
         return _exit_code(error)
+    except Exception as error:
+        if not type(error).__module__.startswith("safetensors"):
+            raise  # a bug: its traceback is what a report needs
+        print(f"opendaam {args.command}: error: a file is not a valid safetensors file ({_message(error)})",
+              file=sys.stderr)
+        return EXIT_USAGE
 
 
 if __name__ == "__main__":

@@ -420,6 +420,9 @@ def _check(spec: DatasetSpec) -> DatasetSpec:
     low, high = spec.thresholds.low, spec.thresholds.high
     if not 0.0 <= low <= high <= 1.0:
         raise SpecError(f"spec key 'thresholds': expected 0 <= low <= high <= 1, got low={low}, high={high}")
+    confidence = spec.filter.min_confidence
+    if confidence is not None and not 0.0 <= confidence <= 1.0:
+        raise SpecError(f"spec key 'filter.min_confidence': expected a number in [0, 1], got {confidence}")
     band = spec.filter.area_percentiles
     if band is not None and not 0.0 <= band[0] <= band[1] <= 100.0:
         raise SpecError(f"spec key 'filter.area_percentiles': expected 0 <= low <= high <= 100, got {list(band)}")
@@ -549,7 +552,10 @@ def load_spec(path: str | Path) -> DatasetSpec:
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"no dataset spec at {path}")
-    text = path.read_text()
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as error:
+        raise SpecError(f"{path} is not a UTF-8 text file ({error.reason} at byte {error.start})") from None
     if path.suffix == ".toml":
         import tomllib
 
