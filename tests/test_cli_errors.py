@@ -131,6 +131,17 @@ def test_bad_input_one_line_exit_code_nothing_written(files, tmp_path, capsys, a
     assert not out.exists()
 
 
+def test_read_only_out_exits_1_in_one_line(files, tmp_path, capsys, monkeypatch):
+    import opendaam.cli._checks as checks
+
+    monkeypatch.setattr(checks.os, "access", lambda path, mode: False)  # as a non-root user in a read-only folder
+    out = tmp_path / "ro" / "out"
+    assert main(gen(files, "--out", str(out))) == 1
+    err = capsys.readouterr().err.strip()
+    assert err == f"opendaam generate: error: --out {out}: this user may not write to {tmp_path}; choose another folder"
+    assert not out.exists()
+
+
 def test_missing_extra_exits_1_with_the_install_line(files, tmp_path, capsys, monkeypatch):
     import opendaam.cli._checks as checks
 

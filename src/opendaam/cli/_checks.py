@@ -115,8 +115,7 @@ def check_output_dir(path: str | Path, option: str = "--out") -> Path:
     if existing.exists() and not existing.is_dir():
         raise ValueError(f"{option} {path}: {existing} is a file, so the folder cannot be made there")
     if not os.access(existing, os.W_OK | os.X_OK):
-        raise PermissionError(13, f"{option} {path}: this user may not write to {existing}; choose another folder",
-                              str(existing))
+        raise PermissionError(f"{option} {path}: this user may not write to {existing}; choose another folder")
     return path
 
 

@@ -24,7 +24,8 @@ def add_parser(sub) -> None:
                         "without one, a prompt naming it); stored with the token")
     p.add_argument("--label-id", type=int, default=None,
                    help="masks are label maps: the object is the pixels equal to this id")
-    p.add_argument("--method", default="linear", choices=["linear", "open_vocab"])
+    p.add_argument("--method", default="linear", choices=["linear", "open_vocab"],
+                   help="which maps the token is optimized for (open_vocab needs --model)")
     p.add_argument("--train", type=int, default=None, help="use the first N records of the class (sorted by id)")
     p.add_argument("--init", default=None, help="initial word (default: the class name)")
     p.add_argument("--model", default=None, help="pipeline (needed for open_vocab and unseen init words)")

@@ -49,6 +49,16 @@ def add_parser(sub) -> None:
     a.set_defaults(run=run_train_annotator)
 
 
+def _usage_error(action: str, message: str) -> SystemExit:
+    """Print the one-line error and return a ``SystemExit`` with exit code 2 (bad input) carrying the message."""
+    import sys
+
+    print(f"opendaam toyworld {action}: error: {message}", file=sys.stderr)
+    error = SystemExit(message)
+    error.code = 2
+    return error
+
+
 def run_render(args) -> int:
     """Write ``<seed>.png``, ``<seed>_labels.png`` (Cityscapes ids), ``<seed>_color.png`` and captions.
 
@@ -71,7 +81,7 @@ def run_render(args) -> int:
         try:
             scene = render_scene(seed, cls=args.cls)
         except ValueError as err:
-            raise ValueError(f"--class: {err}") from None
+            raise _usage_error("render", f"--class: {err}") from None
         scene.pil().save(out / f"{seed}.png")
         Image.fromarray(scene.labels).save(out / f"{seed}_labels.png")
         Image.fromarray(colorize_labels(scene.labels)).save(out / f"{seed}_color.png")
@@ -106,7 +116,7 @@ def run_train(args) -> int:
     try:
         world = WorldConfig() if share is None else WorldConfig(lookalike_share=share)
     except ValueError as err:
-        raise ValueError(f"--lookalike-share: {err}") from None
+        raise _usage_error("train", f"--lookalike-share: {err}") from None
     final = train(args.out, replace(TrainConfig(), **overrides), threads=args.threads,
                   minutes=getattr(args, "minutes", None), world=world)
     print(f"saved the pipeline to {final}" if final else f"paused; rerun the same command to resume ({args.out})")
