@@ -243,6 +243,7 @@ def test_two_shards_merge_equals_single_process(setup, tmp_path):
         stdout, stderr = proc.communicate(timeout=300)
         assert proc.returncode == 0, stderr
         assert "run: opendaam dataset merge" in stdout
+        assert stdout.startswith(f"opendaam dataset generate: process {procs.index(proc)} of 2 ")  # first line
     for rank in (0, 1):
         lines = (out / "shards" / f"manifest-0000{rank}-of-00002.jsonl").read_text().splitlines()
         assert [json.loads(line)["index"] for line in lines] == list(range(rank, 12, 2))

@@ -15,7 +15,7 @@ from opendaam.dataset.labels import connected_components, label_map
 from opendaam.dataset.merge import filter_items
 from opendaam.dataset.spec import FilterSpec, SpecError, expand_items, load_spec, parse_spec, spec_hash
 
-EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
+EXAMPLES = Path(__file__).resolve().parents[1] / "src" / "opendaam" / "examples"
 BASE = {"classes": [{"name": "car", "prompts": ["a {} on a street"]}]}
 
 

@@ -5,7 +5,9 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-__all__ = ["add_parser", "run"]
+from opendaam.cli._checks import check_model, check_output_dir, check_record_file, check_token_file, in_range, require
+
+__all__ = ["add_parser", "run", "validate"]
 
 
 def add_parser(sub) -> None:
@@ -26,11 +28,12 @@ def add_parser(sub) -> None:
     p.add_argument("--pool", type=int, default=None,
                    help="leave the first N images per class out of the evaluation (default: --train); the thesis "
                         "experiment's tables use --train 2 --pool 5, its training pool")
-    p.add_argument("--tau-step", type=float, default=0.05)
+    p.add_argument("--tau-step", type=float, default=0.05,
+                   help="spacing of the mask thresholds tau in (0, 1] for the curves (0.05: 21 thresholds)")
     p.add_argument("--per-layer", action="store_true", help="with --per-step: the block x step mIoU matrix")
     p.add_argument("--per-step", action="store_true", help="with --per-layer: the block x step mIoU matrix")
-    p.add_argument("--threads", type=int, default=1)
-    p.add_argument("--out", required=True)
+    p.add_argument("--threads", type=int, default=1, help="torch threads, >= 1")
+    p.add_argument("--out", required=True, help="output folder for tables, summary and plots")
     p.set_defaults(run=run)
 
 
@@ -63,8 +66,32 @@ def _token_files(paths: list[str]) -> list[Path]:
     return files
 
 
+def validate(args) -> None:
+    """Packages, options, paths and record files, before any work.
+
+    Raises:
+        MissingExtra: matplotlib (for the plots) is not installed.
+        ValueError, FileNotFoundError: one line naming the problem.
+    """
+    require("matplotlib", command="opendaam evaluate")
+    in_range("--threads", args.threads, 1, integer=True)
+    in_range("--tau-step", args.tau_step, 0, 1, low_open=True)
+    in_range("--train", args.train, 0, integer=True)
+    in_range("--pool", args.pool, 0, integer=True)
+    check_output_dir(args.out)
+    if args.model:
+        check_model(args.model)
+    from opendaam.cli.optimize import find_pairs
+
+    for _, path, _ in find_pairs(args.records, args.masks):
+        check_record_file(path)
+    for path in _token_files(args.tokens or []):
+        check_token_file(path)
+
+
 def run(args) -> int:
     """Evaluate and write tables, summary and figures."""
+    validate(args)
     import torch
 
     from opendaam.cache import load_record

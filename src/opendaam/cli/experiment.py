@@ -5,7 +5,9 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
-__all__ = ["add_parser", "run"]
+from opendaam.cli._checks import MAX_SEED, check_model, check_output_dir, in_range, require
+
+__all__ = ["add_parser", "run", "validate"]
 
 
 def add_parser(sub) -> None:
@@ -19,20 +21,46 @@ def add_parser(sub) -> None:
     p.add_argument("--train", type=int, nargs="+", default=[1, 2, 5], help="training images for the tokens")
     p.add_argument("--report-train", type=int, default=None, help="token size used in tables 4.2/4.3")
     p.add_argument("--classes", nargs="+", default=None, help="class names (default: the thesis' four)")
-    p.add_argument("--steps", type=int, default=None)
+    p.add_argument("--steps", type=int, default=None, help="denoising steps, >= 1 (default: the model's own)")
     p.add_argument("--strength", type=float, default=0.5,
                    help="img2img strength from the rendered scenes (0.5 keeps person and rider shapes in place)")
     p.add_argument("--seed0", type=int, default=None,
                    help="first seed (default: 1000000 with the bundled world, whose model trained on seeds "
                         "below 8000; else 0)")
     p.add_argument("--epochs", type=int, default=300, help="token optimization epochs (upper bound)")
-    p.add_argument("--threads", type=int, default=1)
-    p.add_argument("--out", required=True)
+    p.add_argument("--threads", type=int, default=1, help="torch threads, >= 1")
+    p.add_argument("--out", required=True, help="output folder (rerun to resume)")
     p.set_defaults(run=run)
+
+
+def validate(args) -> None:
+    """Packages and options, before any work.
+
+    Raises:
+        MissingExtra: matplotlib (for the curves) is not installed.
+        ValueError, FileNotFoundError: one line naming the problem.
+    """
+    require("matplotlib", command="opendaam experiment")
+    in_range("--per-class", args.per_class, 1, integer=True)
+    for n in args.train:
+        in_range("--train", n, 1, args.per_class, integer=True)
+    in_range("--report-train", args.report_train, 1, integer=True)
+    if args.report_train is not None and args.report_train not in args.train:
+        raise ValueError(f"--report-train {args.report_train} is not one of --train {' '.join(map(str, args.train))}")
+    in_range("--steps", args.steps, 1, integer=True)
+    in_range("--strength", args.strength, 0, 1, low_open=True)
+    in_range("--seed0", args.seed0, 0, MAX_SEED - args.per_class, integer=True)
+    in_range("--epochs", args.epochs, 1, integer=True)
+    in_range("--threads", args.threads, 1, integer=True)
+    if args.masks is None and args.model != "toy-urban":
+        raise ValueError("only toy-urban has a bundled world to annotate its images: pass --masks DIR")
+    check_output_dir(args.out)
+    check_model(args.model)
 
 
 def run(args) -> int:
     """Run the experiment and draw its figures."""
+    validate(args)
     from opendaam.experiments import THESIS_CLASSES, ThesisConfig, ToyWorldAnnotator, run_thesis
     from opendaam.models import load_pipeline, set_threads
     from opendaam.toyworld.train import HELD_OUT

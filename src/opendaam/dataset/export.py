@@ -16,7 +16,7 @@ import numpy as np
 from PIL import Image
 
 from opendaam.dataset.cityscapes import CITYSCAPES_IDS, IGNORE, train_id_lut
-from opendaam.dataset.io import atomic_write, png_bytes
+from opendaam.dataset.io import atomic_write, inside, png_bytes
 from opendaam.dataset.labels import connected_components
 
 __all__ = [
@@ -73,26 +73,32 @@ def cityscapes_arrays(labels: np.ndarray, classes: Sequence[dict],
 
 
 def export_cityscapes(out: Path, entries: Sequence[dict], classes: Sequence[dict], *, city: str, split: str = "train",
-                      background_id: int = 0) -> list[Path]:
+                      background_id: int = 0, dest: Path | None = None) -> list[Path]:
     """Write ``cityscapes/leftImg8bit/<split>/<city>/`` and ``cityscapes/gtFine/<split>/<city>/``.
 
     File names follow Cityscapes: ``<city>_<index:06d>_000019_leftImg8bit.png``,
     ``..._gtFine_labelIds.png`` (official label ids) and ``..._gtFine_labelTrainIds.png`` (19 train ids,
-    255 ignore). Returns the written paths.
+    255 ignore). Item files are read from ``out``; the export is written under ``dest`` (default ``out``).
+    Returns the written paths.
+
+    Raises:
+        opendaam.dataset.io.DatasetError: a file would land outside ``dest`` (``split`` or ``city`` with
+            ``..`` or ``/``), or an item file lies outside ``out``.
     """
     if background_id not in CITYSCAPES_IDS:
         raise ValueError(f"background_id {background_id} is not a Cityscapes label id")
-    root = out / "cityscapes"
+    dest = out if dest is None else dest
+    root = dest / "cityscapes"
     written = []
     for entry in entries:
         stem = f"{city}_{int(entry['index']):06d}_000019"
-        labels = np.asarray(Image.open(out / entry["files"]["label"]))
+        labels = np.asarray(Image.open(inside(out, entry["files"]["label"])))
         label_ids, train_ids = cityscapes_arrays(labels, classes, background_id)
-        image = root / "leftImg8bit" / split / city / f"{stem}_leftImg8bit.png"
-        gt = root / "gtFine" / split / city
-        written.append(atomic_write(image, (out / entry["files"]["image"]).read_bytes()))
-        written.append(atomic_write(gt / f"{stem}_gtFine_labelIds.png", png_bytes(label_ids)))
-        written.append(atomic_write(gt / f"{stem}_gtFine_labelTrainIds.png", png_bytes(train_ids)))
+        image = inside(root, f"leftImg8bit/{split}/{city}/{stem}_leftImg8bit.png")
+        gt = inside(root, f"gtFine/{split}/{city}")
+        written.append(atomic_write(image, inside(out, entry["files"]["image"]).read_bytes()))
+        written.append(atomic_write(inside(gt, f"{stem}_gtFine_labelIds.png"), png_bytes(label_ids)))
+        written.append(atomic_write(inside(gt, f"{stem}_gtFine_labelTrainIds.png"), png_bytes(train_ids)))
     return written
 
 
@@ -125,15 +131,21 @@ def coco_annotations(labels: np.ndarray, classes: Sequence[dict], image_id: int,
 
 
 def export_coco(out: Path, entries: Sequence[dict], classes: Sequence[dict], *, split: str = "train",
-                info: dict | None = None) -> Path:
-    """Write ``coco/instances_<split>.json``: images (``file_name`` relative to ``images/``), instance
-    annotations from connected components, categories with the dataset's label ids.
+                info: dict | None = None, dest: Path | None = None) -> Path:
+    """Write ``coco/instances_<split>.json`` (under ``dest``, default ``out``): images (``file_name``
+    relative to ``images/``), instance annotations from connected components, categories with the dataset's
+    label ids.
 
     Image ids are the item index + 1 (COCO tools treat 0 as "no image").
+
+    Raises:
+        opendaam.dataset.io.DatasetError: the file would land outside ``dest`` (a ``split`` with ``/``).
     """
+    dest = out if dest is None else dest
+    target = inside(dest / "coco", f"instances_{split}.json")
     images, annotations = [], []
     for entry in entries:
-        labels = np.asarray(Image.open(out / entry["files"]["label"]))
+        labels = np.asarray(Image.open(inside(out, entry["files"]["label"])))
         image_id = int(entry["index"]) + 1
         images.append({"id": image_id, "file_name": Path(entry["files"]["image"]).name, "height": labels.shape[0],
                        "width": labels.shape[1], "prompt": entry["prompt"], "seed": entry["seed"]})
@@ -145,23 +157,28 @@ def export_coco(out: Path, entries: Sequence[dict], classes: Sequence[dict], *, 
         categories.append({"id": int(cls["id"]), "name": cls["name"], "supercategory": supercategory})
     data = {"info": info or {}, "licenses": [], "images": images, "annotations": annotations,
             "categories": categories}
-    return atomic_write(out / "coco" / f"instances_{split}.json", json.dumps(data, separators=(",", ":")) + "\n")
+    return atomic_write(target, json.dumps(data, separators=(",", ":")) + "\n")
 
 
 def export_huggingface(out: Path, entries: Sequence[dict], classes: Sequence[dict], *, split: str = "train",
-                       name: str = "opendaam") -> list[Path]:
+                       name: str = "opendaam", dest: Path | None = None) -> list[Path]:
     """Write ``huggingface/``: one parquet file with columns ``image`` and ``label`` (``datasets.Image``),
     ``prompt``, ``seed``, ``index``, plus ``id2label.json`` and a card whose YAML header names the split,
     so ``datasets.load_dataset(str(out / "huggingface"))`` loads it and ``push_to_hub`` publishes it.
 
     ``label`` is the dataset's label map (0 background, class ids, 255 ignore), the layout Hugging Face
     semantic-segmentation trainers (SegFormer, Mask2Former) read with ``id2label``.
+
+    The card's config is named after the dataset and the parquet file's SHA-256 (``<name>-<hash12>``), so
+    ``datasets`` caches every export under its own name: two exports loaded one after the other each give
+    their own rows.
     """
     try:
         import datasets
     except ImportError as error:
-        raise ImportError("the huggingface export needs the datasets package: pip install datasets "
+        raise ImportError("the huggingface export needs the datasets package: pip install 'opendaam[huggingface]' "
                           "(or remove 'huggingface' from outputs.formats)") from error
+    import hashlib
     import io
 
     features = datasets.Features({
@@ -169,8 +186,8 @@ def export_huggingface(out: Path, entries: Sequence[dict], classes: Sequence[dic
         "seed": datasets.Value("int64"), "index": datasets.Value("int64"),
     })
     rows = {
-        "image": [{"bytes": (out / e["files"]["image"]).read_bytes(), "path": None} for e in entries],
-        "label": [{"bytes": (out / e["files"]["label"]).read_bytes(), "path": None} for e in entries],
+        "image": [{"bytes": inside(out, e["files"]["image"]).read_bytes(), "path": None} for e in entries],
+        "label": [{"bytes": inside(out, e["files"]["label"]).read_bytes(), "path": None} for e in entries],
         "prompt": [e["prompt"] for e in entries],
         "seed": [int(e["seed"]) for e in entries],
         "index": [int(e["index"]) for e in entries],
@@ -178,12 +195,15 @@ def export_huggingface(out: Path, entries: Sequence[dict], classes: Sequence[dic
     table = datasets.Dataset.from_dict(rows, features=features)
     buffer = io.BytesIO()
     table.to_parquet(buffer)
-    root = out / "huggingface"
+    root = (out if dest is None else dest) / "huggingface"
+    parquet = inside(root / "data", f"{split}-00000-of-00001.parquet")
+    config = f"{safe_city(name)}-{hashlib.sha256(buffer.getvalue()).hexdigest()[:12]}"
     id2label = {"0": "background", **{str(c["id"]): c["name"] for c in classes}}
     card = "\n".join([
         "---",
         "configs:",
-        "- config_name: default",
+        f"- config_name: {config}",
+        "  default: true",
         "  data_files:",
         f"  - split: {split}",
         f"    path: data/{split}-*.parquet",
@@ -201,7 +221,7 @@ def export_huggingface(out: Path, entries: Sequence[dict], classes: Sequence[dic
         "",
     ])
     return [
-        atomic_write(root / "data" / f"{split}-00000-of-00001.parquet", buffer.getvalue()),
+        atomic_write(parquet, buffer.getvalue()),
         atomic_write(root / "id2label.json", json.dumps(id2label, indent=2) + "\n"),
         atomic_write(root / "README.md", card),
     ]

@@ -75,14 +75,25 @@ def current_shard(rank: int | None = None, world: int | None = None) -> Shard:
 
     When accelerate's state disagrees with ``WORLD_SIZE`` (it reports one process when it set up no process
     group, e.g. CPU-only machines launched with ``--multi_gpu``), the environment variables win and the
-    shards are joined with ``opendaam dataset merge``.
+    shards are joined with ``opendaam dataset merge``. ``accelerate launch --num_processes N`` without
+    ``--multi_gpu`` on a machine without GPUs starts a single process (it sets ``MASTER_ADDR`` but no
+    ``WORLD_SIZE``): that is refused, since the user asked for N shards.
+
+    Raises:
+        DatasetError: a bad rank or world size, or accelerate started one process where several were asked.
 
     Example:
         >>> current_shard(2, 4)
         Shard(rank=2, world=4, state=None)
     """
     state = None
-    if rank is None and world is None and "ACCELERATE_MIXED_PRECISION" in os.environ:
+    launched = "ACCELERATE_MIXED_PRECISION" in os.environ  # set by accelerate launch in every process it starts
+    if rank is None and world is None and launched and "MASTER_ADDR" in os.environ and "WORLD_SIZE" not in os.environ:
+        raise DatasetError(
+            "accelerate launch was asked for several processes but started one (on a machine without GPUs it "
+            "needs --multi_gpu): run accelerate launch --multi_gpu --num_processes N -m opendaam.cli dataset "
+            "generate ..., or start N processes yourself with --rank R --world-size N")
+    if rank is None and world is None and launched:
         try:
             from accelerate import PartialState
 
@@ -172,6 +183,7 @@ class GenerateResult:
     total: int  # items in the whole dataset
     shard: Shard  # which part this process made
     finalized: bool  # manifest, filters, exports and card were written (all items were finished)
+    kept: int | None = None  # items the filters kept (None: not finalized by this call)
 
 
 def _dataset_header(spec: DatasetSpec, digest: str) -> dict:
@@ -182,27 +194,52 @@ def _dataset_header(spec: DatasetSpec, digest: str) -> dict:
             "classes": class_table(spec)}
 
 
-def _claim_folder(out: Path, spec: DatasetSpec, digest: str, force: bool, spec_text: str | None,
-                  spec_name: str) -> None:
-    """Create or check the dataset folder: refuse one made from another spec (or holding other files)."""
+def _check_folder(out: Path, digest: str, force: bool) -> dict | None:
+    """Refuse a folder this spec may not write (read-only: nothing is written); returns the old header.
+
+    A folder without ``dataset.json`` must be empty, or (with ``force``) hold none of the names opendaam
+    writes; a dataset of another spec needs ``force``; files opendaam did not write inside the folders it
+    manages are always refused.
+    """
+    from opendaam.dataset.folder import MANAGED_FOLDERS, TOP_LEVEL_FILES, refuse_foreign_files
+
     header_path = out / "dataset.json"
+    if out.exists() and not out.is_dir():
+        raise DatasetError(f"--out {out} is a file, not a folder; choose a folder (it is created if missing)")
+    old = None
     if out.exists() and not header_path.exists():
-        others = [p.name for p in out.iterdir() if not p.name.endswith(".tmp")]
+        others = sorted(p.name for p in out.iterdir() if not p.name.startswith(".opendaam")
+                        and not (p.name.startswith(".") and p.name.endswith(".tmp")))
         # another shard may have written its header (always its first file) since the check above
-        if others and not force and not header_path.exists():
-            found = ", ".join(sorted(others)[:3])
-            raise DatasetError(f"{out} is not empty and holds no opendaam dataset (found {found}); choose "
-                               "another --out, or pass --force to write into it anyway")
+        if others and not header_path.exists():
+            clashes = [n for n in others if n in MANAGED_FOLDERS or n in TOP_LEVEL_FILES]
+            found = ", ".join((clashes or others)[:3])
+            if not force:
+                raise DatasetError(f"{out} is not empty and holds no opendaam dataset (found {found}); choose "
+                                   "another --out, or pass --force to add the dataset beside those files")
+            if clashes:
+                raise DatasetError(f"{out} holds no opendaam dataset but has files named like a dataset's "
+                                   f"({found}); even with --force opendaam does not overwrite them: choose "
+                                   "another --out")
     if header_path.exists():
         try:
             old = json.loads(header_path.read_text())
-        except json.JSONDecodeError:
+        except (OSError, json.JSONDecodeError):
+            old = {}
+        if not isinstance(old, dict):
             old = {}
         if old.get("spec_hash") != digest and not force:
             raise DatasetError(
                 f"{out} holds a dataset made from a different spec (hash {str(old.get('spec_hash'))[:12]}, this "
                 f"spec {digest[:12]}); choose another --out, or pass --force to regenerate it from this spec"
             )
+        refuse_foreign_files(out)
+    return old
+
+
+def _write_header(out: Path, spec: DatasetSpec, digest: str, spec_text: str | None, spec_name: str) -> None:
+    """Write ``dataset.json`` and the spec file (when they differ from what is there)."""
+    header_path = out / "dataset.json"
     header = json.dumps(_dataset_header(spec, digest), indent=2, sort_keys=True) + "\n"
     if not header_path.exists() or header_path.read_text() != header:
         atomic_write(header_path, header)
@@ -311,7 +348,9 @@ def generate(
     Args:
         spec: the validated spec.
         out: dataset folder (created if missing).
-        force: write into a folder made from another spec (its stale items are regenerated or removed).
+        force: write into a folder made from another spec (its stale items are regenerated or removed), or
+            beside other files in a folder holding no dataset; files opendaam did not write are never
+            deleted or overwritten.
         pipe: an already loaded pipeline (the spec's model id is then only provenance); None loads it.
         shard: this process' part; None detects it (:func:`current_shard`).
         threads: torch intra-op threads (None: torch's choice); set it for reproducible timing.
@@ -326,7 +365,9 @@ def generate(
         A :class:`GenerateResult`.
 
     Raises:
-        DatasetError: the folder holds another spec's dataset (without ``force``), or cannot be written.
+        DatasetError: the folder holds another spec's dataset (without ``force``), files opendaam did not
+            write inside its folders, or cannot be written.
+        opendaam._io.LockError: another process writes the folder (or this shard of it).
 
     Example:
         >>> import tempfile
@@ -338,23 +379,40 @@ def generate(
         >>> result.generated, result.finalized
         (1, True)
     """
-    from opendaam.models import generation_defaults, load_pipeline, set_threads
+    from opendaam.dataset.folder import dataset_lock
 
     out = Path(out)
     shard = shard or current_shard()
-    set_threads(threads)
     digest = spec_hash(spec)
+    created = not out.exists()
+    try:
+        with dataset_lock(out, shard.rank, shard.world, what=f"opendaam dataset generate (shard {shard.rank} of "
+                          f"{shard.world})"):
+            return _generate_locked(spec, out, digest, force=force, pipe=pipe, shard=shard, threads=threads,
+                                    device=device, progress=progress, limit=limit, spec_text=spec_text,
+                                    spec_name=spec_name, finalize=finalize)
+    finally:
+        if created and out.is_dir() and not any(out.iterdir()):
+            out.rmdir()  # refused or failed before writing anything: leave no empty folder behind
+
+
+def _generate_locked(spec: DatasetSpec, out: Path, digest: str, *, force: bool, pipe, shard: Shard,
+                     threads: int | None, device: str | None, progress: bool, limit: int | None,
+                     spec_text: str | None, spec_name: str, finalize: bool) -> GenerateResult:
+    """:func:`generate` while holding the folder's lock: check the folder, load the model, then write."""
+    from opendaam.models import generation_defaults, load_pipeline, set_threads
+
+    set_threads(threads)
+    _check_folder(out, digest, force)
     items = expand_items(spec)
-    _claim_folder(out, spec, digest, force, spec_text, spec_name)
     own_manifest = shard_manifest(out, shard)
-    _repair_own_manifest(own_manifest, digest)
     done = finished_items(out, digest)
     todo = [it for it in shard.take(items) if it.index not in done]
     skipped = len(shard.take(items)) - len(todo)
     if limit is not None:
         todo = todo[: max(limit, 0)]
 
-    if todo:
+    if todo:  # the model loads before the first write: a model that fails to load leaves the folder as it was
         if pipe is None:
             model = spec.model_spec
             dtype = getattr(torch, model.dtype) if model.dtype else None
@@ -372,18 +430,21 @@ def generate(
         pipe.set_progress_bar_config(disable=True)
         call = generation_defaults(pipe, num_inference_steps=spec.steps, guidance_scale=spec.guidance,
                                    height=spec.height, width=spec.width)
+    _write_header(out, spec, digest, spec_text, spec_name)
+    _repair_own_manifest(own_manifest, digest)
+    if todo:
         _generate_items(spec, out, pipe, todo, call, digest, own_manifest, shard, progress)
 
-    finalized = False
+    finalized, kept = False, None
     if shard.world > 1 and shard.state is not None:
         shard.state.wait_for_everyone()  # accelerate: every shard is finished before process 0 merges
     complete = len(finished_items(out, digest)) == len(items)
     if finalize and complete and (shard.world == 1 or (shard.state is not None and shard.rank == 0)):
         from opendaam.dataset.merge import finalize as run_finalize
 
-        run_finalize(out)
+        kept = run_finalize(out, others_done=shard.world > 1)["kept"]
         finalized = True
-    return GenerateResult(out, len(todo), skipped, len(items), shard, finalized)
+    return GenerateResult(out, len(todo), skipped, len(items), shard, finalized, kept)
 
 
 def _generate_items(spec: DatasetSpec, out: Path, pipe, todo: list[Item], call: dict, digest: str,

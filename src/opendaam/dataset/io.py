@@ -26,6 +26,7 @@ __all__ = [
     "WriteError",
     "append_line",
     "atomic_write",
+    "inside",
     "npz_bytes",
     "png_bytes",
     "read_manifest",
@@ -51,6 +52,27 @@ def _explain(path: Path, error: OSError) -> WriteError:
     elif error.errno in (errno.ENOSPC, errno.EDQUOT):
         hint = "; free some space and rerun the same command: finished items are kept"
     return WriteError(f"cannot write {path}: {reason}{hint}")
+
+
+def inside(root: str | Path, path: str | Path) -> Path:
+    """``path`` (absolute, or relative to ``root``) resolved, checked to stay inside ``root``.
+
+    Raises:
+        DatasetError: the path leads outside ``root`` (``..``, an absolute path elsewhere, a symlink out).
+
+    Example:
+        >>> inside("/data/set", "images/000001.png").as_posix()
+        '/data/set/images/000001.png'
+        >>> inside("/data/set", "../x.png")  # doctest: +ELLIPSIS
+        Traceback (most recent call last):
+        ...
+        opendaam.dataset.io.DatasetError: ../x.png leads outside the dataset folder /data/set; ...
+    """
+    base = Path(root).resolve()
+    target = (base / path).resolve()
+    if target != base and base not in target.parents:
+        raise DatasetError(f"{path} leads outside the dataset folder {root}; opendaam writes only inside it")
+    return target
 
 
 def atomic_write(path: str | Path, data: bytes | str) -> Path:

@@ -4,24 +4,31 @@
 runs the same after one process, after ``N`` shards (``opendaam dataset merge DIR``) or again after the
 filters or export formats in ``dataset.json`` changed. Everything it writes is a pure function of those
 files, so the result of ``N`` shards equals that of one process.
+
+Crash consistency: ``manifest.jsonl`` and the card ``README.md`` are removed first and written last, and
+the exports are built in a hidden staging folder and renamed into place; a reader who sees the manifest
+and the card sees complete exports, and a killed merge is finished by running it again.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import shutil
 from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
 
+from opendaam.dataset.folder import EXPORT_FOLDERS, ITEM_FOLDERS, dataset_lock, listed_exports, refuse_foreign_files
 from opendaam.dataset.generate import TIMING_KEY, finished_items
 from opendaam.dataset.io import DatasetError, atomic_write, read_manifest, remove_temp_files
 from opendaam.dataset.spec import DatasetSpec, FilterSpec, expand_items, parse_spec
 
 __all__ = ["FinalizeResult", "filter_items", "finalize", "load_dataset", "write_card"]
 
-ITEM_FOLDERS = ("images", "labels", "maps")
+_STAGING = ".opendaam-staging"
+_OLD = ".opendaam-old-"
 
 
 def load_dataset(out: str | Path) -> tuple[dict, DatasetSpec]:
@@ -100,75 +107,114 @@ def _merge_entries(out: Path, digest: str, expected: int) -> list[dict]:
     return [done[i] for i in range(expected)]
 
 
-def _remove_stale(out: Path, entries: Sequence[dict], written: set[Path], digest: str) -> None:
-    """Remove item files no entry lists, export files not written now, and shard manifests of other specs."""
+def _remove_stale(out: Path, entries: Sequence[dict], digest: str) -> None:
+    """Remove item files no entry lists and shard manifests of other specs (all checked to be opendaam's)."""
     listed = {(out / rel).resolve() for e in entries for rel in e["files"].values()}
-    for folder in ITEM_FOLDERS:  # only files named like items: other files someone put there stay
-        for path in (out / folder).glob("[0-9][0-9][0-9][0-9][0-9][0-9]*.*") if (out / folder).exists() else []:
+    for folder, suffix in ITEM_FOLDERS.items():
+        for path in (out / folder).glob(f"[0-9][0-9][0-9][0-9][0-9][0-9]{suffix}") if (out / folder).exists() else []:
             if path.is_file() and path.resolve() not in listed:
                 path.unlink()
-    for folder in ("cityscapes", "coco", "huggingface"):
-        root = out / folder
-        if not root.exists():
-            continue
-        for path in sorted(root.rglob("*"), reverse=True):
-            if path.is_file() and path.resolve() not in written:
-                path.unlink()
-            elif path.is_dir() and not any(path.iterdir()):
-                path.rmdir()
-        if not any(root.iterdir()):
-            shutil.rmtree(root)
     for path in (out / "shards").glob("manifest-*.jsonl") if (out / "shards").exists() else []:
         if not any(e.get("provenance", {}).get("spec_hash") == digest for e in read_manifest(path)):
             path.unlink()
+
+
+def _remove_leftovers(out: Path) -> None:
+    """Staging and replaced export folders that a killed merge left (hidden, named by opendaam)."""
+    for path in out.iterdir():
+        if path.is_dir() and not path.is_symlink() and (path.name.startswith(_STAGING) or
+                                                        path.name.startswith(_OLD)):
+            shutil.rmtree(path)
+
+
+def _write_exports_json(out: Path, files: set[str]) -> None:
+    """List the export files in ``exports.json`` (what later runs may replace)."""
+    atomic_write(out / "exports.json", json.dumps({"files": sorted(files)}, indent=1) + "\n")
+
+
+def _swap_in(out: Path, staging: Path, written: list[Path]) -> None:
+    """Move the staged export folders into place (each one a rename), old ones out and away.
+
+    ``exports.json`` lists the old and the new files while both may exist, then the new ones only.
+    """
+    new = {p.relative_to(staging).as_posix() for p in written}
+    _write_exports_json(out, listed_exports(out) | new)
+    for folder in EXPORT_FOLDERS:
+        target, staged = out / folder, staging / folder
+        old = out / f"{_OLD}{folder}"
+        if target.exists():
+            os.replace(target, old)
+        if staged.exists():
+            os.replace(staged, target)
+        if old.exists():
+            shutil.rmtree(old)
+    _write_exports_json(out, new)
 
 
 class FinalizeResult(dict):
     """Counts of a :func:`finalize` run: ``items``, ``kept``, ``dropped``, ``exports``."""
 
 
-def finalize(out: str | Path) -> FinalizeResult:
+def finalize(out: str | Path, *, others_done: bool = False) -> FinalizeResult:
     """Merge the shard manifests into ``manifest.jsonl``, apply the filters (``dropped.jsonl``), write the
     exports of ``dataset.json``'s spec and the dataset card ``README.md``; clean leftovers of killed runs.
 
-    Run it only when no generation process writes to the folder.
+    Holds the folder's lock: it refuses while a generation process writes the folder.
+
+    Args:
+        out: the dataset folder.
+        others_done: the other shards passed a barrier and are exiting (do not wait for their locks).
 
     Raises:
-        DatasetError: items are missing (some shard has not finished) or disagree between shards.
+        DatasetError: items are missing (some shard has not finished) or disagree between shards, or
+            files opendaam did not write are inside its folders.
+        opendaam._io.LockError: another process writes the folder.
     """
+    out = Path(out)
+    load_dataset(out)  # a folder without a dataset is refused before a lock file is made in it
+    with dataset_lock(out, what="opendaam dataset merge", others_done=others_done):
+        return _finalize_locked(out)
+
+
+def _finalize_locked(out: Path) -> FinalizeResult:
+    """:func:`finalize` while holding the folder's lock."""
     from opendaam import __version__
     from opendaam.dataset.export import export_cityscapes, export_coco, export_huggingface, safe_city
 
-    out = Path(out)
     header, spec = load_dataset(out)
+    refuse_foreign_files(out)
     digest = header["spec_hash"]
     classes = header["classes"]
     items = expand_items(spec)
     entries = _merge_entries(out, digest, len(items))
     manifest = "".join(json.dumps(e, sort_keys=True, separators=(",", ":")) + "\n" for e in entries)
-    atomic_write(out / "manifest.jsonl", manifest)
-
     dropped = filter_items(entries, spec.filter)
-    atomic_write(out / "dropped.jsonl", "".join(
-        json.dumps({"index": i, "key": f"{i:06d}", "reasons": r}, sort_keys=True) + "\n" for i, r in dropped.items()))
     kept = [e for e in entries if e["index"] not in dropped]
 
-    written: set[Path] = set()
+    for name in ("README.md", "manifest.jsonl"):  # the card and manifest say "complete": gone until it is
+        (out / name).unlink(missing_ok=True)
+    _remove_leftovers(out)
+    staging = out.resolve() / f"{_STAGING}-{os.getpid()}"  # resolved like the paths the exports return
+    staging.mkdir()
+    written: list[Path] = []
     formats = list(spec.outputs.formats)
     if "cityscapes" in formats:
         city = safe_city(spec.outputs.city or spec.name)
-        paths = export_cityscapes(out, kept, classes, city=city, split=spec.outputs.split,
-                                  background_id=spec.outputs.background_id)
-        written.update(p.resolve() for p in paths)
+        written += export_cityscapes(out, kept, classes, city=city, split=spec.outputs.split,
+                                     background_id=spec.outputs.background_id, dest=staging)
     if "coco" in formats:
         info = {"description": spec.name, "version": __version__, "spec_hash": digest,
                 "url": "https://github.com/opendaam/opendaam"}
-        written.add(export_coco(out, kept, classes, split=spec.outputs.split, info=info).resolve())
+        written.append(export_coco(out, kept, classes, split=spec.outputs.split, info=info, dest=staging))
     if "huggingface" in formats:
-        paths = export_huggingface(out, kept, classes, split=spec.outputs.split, name=spec.name)
-        written.update(p.resolve() for p in paths)
-    write_card(out, spec, header, entries, dropped)
-    _remove_stale(out, entries, written, digest)
+        written += export_huggingface(out, kept, classes, split=spec.outputs.split, name=spec.name, dest=staging)
+    _swap_in(out, staging, written)
+    shutil.rmtree(staging)
+    atomic_write(out / "dropped.jsonl", "".join(
+        json.dumps({"index": i, "key": f"{i:06d}", "reasons": r}, sort_keys=True) + "\n" for i, r in dropped.items()))
+    atomic_write(out / "manifest.jsonl", manifest)
+    write_card(out, spec, header, entries, dropped)  # last: a card means every export is in place
+    _remove_stale(out, entries, digest)
     remove_temp_files(out)
     return FinalizeResult(items=len(entries), kept=len(kept), dropped=len(dropped), exports=formats)
 
@@ -213,7 +259,7 @@ def write_card(out: Path, spec: DatasetSpec, header: dict, entries: Sequence[dic
         "",
         "## Counts",
         "",
-        f"- items: {len(entries)} ({len(templates)} prompt templates x {len(spec.seed_list)} seeds)",
+        f"- items: {len(entries)} ({len(templates)} prompt templates x {spec.seed_count} seeds)",
         f"- kept by the filters: {len(kept)}; dropped: {len(dropped)}"
         + (" (" + ", ".join(f"{k}: {v}" for k, v in sorted(reasons.items())) + ")" if reasons else ""),
         f"- pixels (kept items): background {background:.3f}, ignored {ignored:.3f}",

@@ -14,6 +14,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import math
 import re
 import types
 import typing
@@ -24,6 +25,8 @@ from typing import Any, Literal
 from opendaam.dataset.cityscapes import CITYSCAPES_IDS
 
 __all__ = [
+    "MAX_ITEMS",
+    "MAX_SEED",
     "ClassSpec",
     "DatasetSpec",
     "FilterSpec",
@@ -33,15 +36,25 @@ __all__ = [
     "SeedRange",
     "SpecError",
     "Thresholds",
+    "check_files",
     "expand_items",
+    "item_count",
     "load_spec",
     "parse_spec",
     "render_template",
+    "rendered_prompts",
     "spec_hash",
 ]
 
 METHODS = ("daam", "open_vocab", "linear")
 FORMATS = ("cityscapes", "coco", "huggingface")
+MAX_SEED = 2**63 - 1
+"""Largest seed: seeds are 0 .. 2**63 - 1, the int64 range every export stores them in (torch's generator
+would also take negative seeds and seeds up to 2**64 - 1, but -1 and 2**64 - 1 give the same image)."""
+MAX_ITEMS = 1_000_000
+"""Most items one spec may have (prompts x seeds); split larger datasets into several specs."""
+_SPLIT = re.compile(r"[A-Za-z0-9][A-Za-z0-9_]{0,63}")  # Cityscapes folder, COCO file part, Hugging Face split
+_CITY = re.compile(r"[a-z0-9][a-z0-9-]{0,63}")  # Cityscapes separates the parts of file names with "_"
 
 
 class SpecError(ValueError):
@@ -141,6 +154,11 @@ class DatasetSpec:
     def model_spec(self) -> ModelSpec:
         """The model as a :class:`ModelSpec` (the string shorthand expanded)."""
         return self.model if isinstance(self.model, ModelSpec) else ModelSpec(id=self.model)
+
+    @property
+    def seed_count(self) -> int:
+        """How many seeds (without listing them)."""
+        return self.seeds.count if isinstance(self.seeds, SeedRange) else len(self.seeds)
 
     @property
     def seed_list(self) -> list[int]:
@@ -352,6 +370,10 @@ def _check(spec: DatasetSpec) -> DatasetSpec:
         key = f"classes[{i}]"
         if not cls.name.strip():
             raise SpecError(f"spec key '{key}.name': expected a non-empty string")
+        if any(c in cls.name for c in "/\\") or cls.name.strip() in (".", "..") or \
+                any(ord(c) < 32 for c in cls.name):
+            raise SpecError(f"spec key '{key}.name': {cls.name!r} cannot name files (no '/', '\\', control "
+                            "characters, '.' or '..'); use words such as 'traffic light'")
         for template in cls.prompts:
             _, named = render_template(template, texts, own=cls.name)
             if cls.name not in named:
@@ -377,18 +399,30 @@ def _check(spec: DatasetSpec) -> DatasetSpec:
     if missing:
         raise SpecError(f"class {missing[0]!r} has no prompt: give it prompts: ['a {{}} ...'] or name it as "
                         f"{{{missing[0]}}} in a top-level prompt")
-    if not spec.seed_list:
-        raise SpecError("spec key 'seeds': expected at least one seed")
-    if len(set(spec.seed_list)) != len(spec.seed_list):
-        raise SpecError("spec key 'seeds': seeds repeat")
+    _check_seeds(spec, len(spec.prompts) + sum(len(c.prompts) for c in spec.classes))
     for key, value in (("steps", spec.steps), ("height", spec.height), ("width", spec.width)):
         if value is not None and value <= 0:
             raise SpecError(f"spec key {key!r}: expected a positive integer, got {value}")
-    if isinstance(spec.seeds, SeedRange) and spec.seeds.count <= 0:
-        raise SpecError(f"spec key 'seeds.count': expected a positive integer, got {spec.seeds.count}")
+    if spec.guidance is not None and not (math.isfinite(spec.guidance) and spec.guidance >= 0):
+        raise SpecError(f"spec key 'guidance': expected a number >= 0 (1 turns guidance off), got {spec.guidance}")
+    if spec.scheduler is not None:
+        from opendaam.models import SCHEDULERS
+
+        if spec.scheduler.lower() not in SCHEDULERS:
+            raise SpecError(f"spec key 'scheduler': unknown scheduler {spec.scheduler!r}; choose one of: "
+                            f"{', '.join(SCHEDULERS)}")
+    if not _SPLIT.fullmatch(spec.outputs.split):
+        raise SpecError(f"spec key 'outputs.split': {spec.outputs.split!r} is not a split name (letters, digits "
+                        "and '_', e.g. train, val, test); it names export folders and files")
+    if spec.outputs.city is not None and not _CITY.fullmatch(spec.outputs.city):
+        raise SpecError(f"spec key 'outputs.city': {spec.outputs.city!r} is not a Cityscapes city name (lower-case "
+                        "letters, digits and '-'); it names export folders and files")
     low, high = spec.thresholds.low, spec.thresholds.high
     if not 0.0 <= low <= high <= 1.0:
         raise SpecError(f"spec key 'thresholds': expected 0 <= low <= high <= 1, got low={low}, high={high}")
+    confidence = spec.filter.min_confidence
+    if confidence is not None and not 0.0 <= confidence <= 1.0:
+        raise SpecError(f"spec key 'filter.min_confidence': expected a number in [0, 1], got {confidence}")
     band = spec.filter.area_percentiles
     if band is not None and not 0.0 <= band[0] <= band[1] <= 100.0:
         raise SpecError(f"spec key 'filter.area_percentiles': expected 0 <= low <= high <= 100, got {list(band)}")
@@ -401,6 +435,74 @@ def _check(spec: DatasetSpec) -> DatasetSpec:
     if repeated:
         raise SpecError(f"prompt {repeated[0]!r} is given twice; each template must render a different prompt")
     return spec
+
+
+def _check_seeds(spec: DatasetSpec, templates: int) -> None:
+    """Seeds in 0..MAX_SEED, distinct, and at most MAX_ITEMS items, checked without listing a seed range."""
+    if isinstance(spec.seeds, SeedRange):
+        start, count = spec.seeds.start, spec.seeds.count
+        if count <= 0:
+            raise SpecError(f"spec key 'seeds.count': expected a positive integer, got {count}")
+        if start < 0 or start + count - 1 > MAX_SEED:
+            raise SpecError(f"spec key 'seeds': seeds {start} .. {start + count - 1} leave the valid range "
+                            f"0 .. {MAX_SEED} (2**63 - 1)")
+    else:
+        if not spec.seeds:
+            raise SpecError("spec key 'seeds': expected at least one seed")
+        bad = [s for s in spec.seeds if not 0 <= s <= MAX_SEED]
+        if bad:
+            raise SpecError(f"spec key 'seeds': seed {bad[0]} is outside the valid range 0 .. {MAX_SEED} "
+                            "(2**63 - 1)")
+        if len(set(spec.seeds)) != len(spec.seeds):
+            raise SpecError("spec key 'seeds': seeds repeat")
+    if templates * spec.seed_count > MAX_ITEMS:
+        raise SpecError(f"spec has {templates} prompts x {spec.seed_count} seeds = {templates * spec.seed_count} "
+                        f"items, more than the {MAX_ITEMS} one spec may have; split it into several specs")
+
+
+def item_count(spec: DatasetSpec) -> int:
+    """How many items :func:`expand_items` gives, without listing them.
+
+    Example:
+        >>> item_count(parse_spec({"classes": [{"name": "car", "prompts": ["a {}", "two {}"]}], "seeds": [1, 2]}))
+        4
+    """
+    return (len(spec.prompts) + sum(len(c.prompts) for c in spec.classes)) * spec.seed_count
+
+
+def rendered_prompts(spec: DatasetSpec) -> list[str]:
+    """Every prompt of the spec once, in item order (the classes' templates, then the top-level ones).
+
+    Example:
+        >>> rendered_prompts(parse_spec({"classes": [{"name": "car", "prompts": ["a {}"]}], "seeds": [1, 2]}))
+        ['a car']
+    """
+    templates = [(t, c.name) for c in spec.classes for t in c.prompts] + [(t, None) for t in spec.prompts]
+    return [_render_any(spec, t, own)[0] for t, own in templates]
+
+
+def check_files(spec: DatasetSpec) -> None:
+    """Check the files a spec names: every class' token file exists and is an opendaam token.
+
+    Raises:
+        SpecError: a token file is missing or is not an opendaam token file (naming the class and file).
+
+    Example:
+        >>> check_files(parse_spec({"classes": [{"name": "car", "prompts": ["a {}"]}]}))
+    """
+    for i, cls in enumerate(spec.classes):
+        path = spec.token_path(cls)
+        if path is None:
+            continue
+        if not path.is_file():
+            raise SpecError(f"spec key 'classes[{i}].token': no token file at {path}")
+        from opendaam.optimize import load_token
+
+        try:
+            load_token(path)
+        except Exception as error:  # safetensors raises its own error type on files that are not safetensors
+            raise SpecError(f"spec key 'classes[{i}].token': {path} is not an opendaam token file "
+                            f"({str(error).splitlines()[0][:120]}); write one with opendaam optimize") from None
 
 
 def _render_any(spec: DatasetSpec, template: str, own: str | None = None) -> tuple[str, list[str]]:
@@ -434,7 +536,7 @@ def parse_spec(data: dict, base_dir: str | Path = ".") -> DatasetSpec:
 
 
 def load_spec(path: str | Path) -> DatasetSpec:
-    """Read and validate a spec file (``.yaml``/``.yml`` or ``.toml``).
+    """Read and validate a spec file (``.yaml``/``.yml`` or ``.toml``), including the token files it names.
 
     Raises:
         FileNotFoundError: no such file.
@@ -450,7 +552,10 @@ def load_spec(path: str | Path) -> DatasetSpec:
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"no dataset spec at {path}")
-    text = path.read_text()
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as error:
+        raise SpecError(f"{path} is not a UTF-8 text file ({error.reason} at byte {error.start})") from None
     if path.suffix == ".toml":
         import tomllib
 
@@ -468,9 +573,11 @@ def load_spec(path: str | Path) -> DatasetSpec:
         except yaml.YAMLError as error:
             raise SpecError(f"{path} is not valid YAML: {error}") from None
     try:
-        return parse_spec(data if data is not None else {}, base_dir=path.parent)
+        spec = parse_spec(data if data is not None else {}, base_dir=path.parent)
+        check_files(spec)
     except SpecError as error:
         raise SpecError(f"{path}: {error}") from None
+    return spec
 
 
 def spec_to_dict(spec: DatasetSpec) -> dict[str, Any]:
