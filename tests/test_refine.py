@@ -78,3 +78,28 @@ def test_refinement_errors(tiny_pipe):
     with pytest.raises(ValueError, match="unknown layer 'upper'"):
         with trace(tiny_pipe, self_attention=("upper",)):
             pass
+
+
+def test_otsu_and_adaptive_labels():
+    """Otsu's threshold equals a brute-force search of the between-class variance on the same histogram; the
+    adaptive label map ignores a contested pixel and pixels inside the uncertain band."""
+    from opendaam.dataset.labels import IGNORE, adaptive_label_map, otsu_threshold
+
+    rng = np.random.default_rng(0)
+    values = np.clip(np.concatenate([rng.normal(0.2, 0.05, 300), rng.normal(0.7, 0.1, 200)]), 0, 1)
+    counts, edges = np.histogram(values, bins=64, range=(0, 1))
+    centers = (edges[:-1] + edges[1:]) / 2
+
+    def between(k):  # classes: bins 0..k and k+1..63
+        w0, w1 = counts[: k + 1].sum(), counts[k + 1 :].sum()
+        if not w0 or not w1:
+            return -1.0
+        m0 = (counts[: k + 1] * centers[: k + 1]).sum() / w0
+        m1 = (counts[k + 1 :] * centers[k + 1 :]).sum() / w1
+        return w0 * w1 * (m0 - m1) ** 2
+
+    best = max(range(63), key=between)
+    assert otsu_threshold(values) == pytest.approx(edges[best + 1])
+    scores = np.stack([np.tile(np.linspace(0, 1, 11), (2, 1)), np.tile(np.linspace(1, 0, 11), (2, 1))])
+    labels = adaptive_label_map(scores, [3, 5], margin=0.2, min_gap=0.1)
+    assert labels[0, 0] == 5 and labels[0, -1] == 3 and labels[0, 5] == IGNORE  # 0.5 vs 0.5: contested

@@ -72,13 +72,14 @@ def adaptive_label_map(scores: np.ndarray, ids: Sequence[int], margin: float = 0
     """Label map with a threshold per image and class, and uncertain pixels ignored (255).
 
     Each class map gets its own Otsu threshold ``t``: a pixel is that class where its best map is at least
-    ``t + margin``, background where every map is below its ``t - margin``, and 255 in between, or where the best
-    map leads the second by less than ``min_gap`` (two classes claim it).
+    ``t + margin (1 - t)``, background where every map is below its ``t (1 - margin)``, and 255 in between (the
+    band is a share of the way from ``t`` to 1 and to 0, so it scales with the threshold), or where the best map
+    leads the second by less than ``min_gap`` (two classes claim it).
 
     Args:
         scores: ``(classes, H, W)`` normalized maps in [0, 1].
         ids: label id of each map.
-        margin: half-width of the uncertain band around each threshold.
+        margin: the uncertain band around each threshold, as a share of the way to 1 above and to 0 below.
         min_gap: smallest lead of the best map over the second for a confident label.
 
     Example:
@@ -94,10 +95,12 @@ def adaptive_label_map(scores: np.ndarray, ids: Sequence[int], margin: float = 0
     best = scores.argmax(axis=0)  # (H, W)
     peak = order[-1]
     gap = peak - order[-2] if scores.shape[0] > 1 else np.ones_like(peak)
-    own = np.take_along_axis(thresholds + 0 * scores, best[None], 0)[0]  # (H, W) the best class' threshold
+    high = thresholds + margin * (1 - thresholds)  # (classes, 1, 1)
+    own = high[best, 0, 0]  # (H, W) the best class' upper bound
+    confident = (peak >= own) & (gap >= min_gap)
     labels = np.full(peak.shape, IGNORE, dtype=np.uint8)
-    labels[(peak >= own + margin) & (gap >= min_gap)] = lut[best][(peak >= own + margin) & (gap >= min_gap)]
-    labels[(scores < thresholds - margin).all(axis=0)] = BACKGROUND
+    labels[confident] = lut[best][confident]
+    labels[(scores < thresholds * (1 - margin)).all(axis=0)] = BACKGROUND
     return labels
 
 
