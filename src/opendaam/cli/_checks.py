@@ -141,12 +141,14 @@ class ModelInfo:
     folder: Path  # the pipeline folder
     vae_factor: int  # image pixels per latent pixel
     size_multiple: int  # image sizes must be multiples of it: the VAE factor and diffusers' 8
-    sample_size: int  # the U-Net's native latent size
-    max_tokens: int | None  # the text encoder's context length (start and end tokens included)
+    sample_size: int  # the denoiser's native latent size
+    max_tokens: int | None  # CLIP context length (start and end included); None where T5 reads the prompt
+    family: str = ""  # the attention family (models.DENOISERS)
+    tokenizer: str = "tokenizer"  # the tokenizer whose columns start the denoiser's text input (Flux: T5's)
 
 
 _HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")
-_COMPONENTS_WITH_WEIGHTS = ("unet", "vae", "text_encoder")
+_COMPONENTS_WITH_WEIGHTS = ("unet", "transformer", "vae", "text_encoder", "text_encoder_2", "text_encoder_3")
 
 
 def _weights(folder: Path) -> bool:
@@ -204,20 +206,27 @@ def check_model(name: str, base_dir: str | Path | None = None, option: str = "--
             problems.append(f"{component}/config.json is missing")
         elif component in _COMPONENTS_WITH_WEIGHTS and not _weights(sub):
             problems.append(f"{component}/ has no weights (*.safetensors)")
-    for needed in ("unet", "vae", "text_encoder", "tokenizer"):
+    denoiser = "unet" if "unet" in listed else "transformer"
+    for needed in (denoiser, "vae", "text_encoder", "tokenizer"):
         if needed not in listed:
             problems.append(f"model_index.json lists no {needed}")
     if problems:
         raise FileNotFoundError(f"{option} {name} is an incomplete pipeline folder: {'; '.join(problems)}")
+    from opendaam.models import check_denoiser
+
+    family = check_denoiser(components, f"{option} {name}")  # a denoiser opendaam cannot trace: named here
     try:
         vae = json.loads((folder / "vae" / "config.json").read_text())
-        unet = json.loads((folder / "unet" / "config.json").read_text())
+        net = json.loads((folder / denoiser / "config.json").read_text())
         encoder = json.loads((folder / "text_encoder" / "config.json").read_text())
     except ValueError as error:
         raise FileNotFoundError(f"{option} {name}: a component config is not valid JSON ({error})") from None
     factor = 2 ** (len(vae.get("block_out_channels", [0, 0, 0, 0])) - 1)
-    max_tokens = encoder.get("max_position_embeddings")
-    return ModelInfo(folder, factor, max(factor, 8), int(unet.get("sample_size", 64)), max_tokens)
+    clip = denoiser == "unet"  # U-Nets read CLIP's 77 columns; the transformers' prompts are read by T5 as well
+    max_tokens = encoder.get("max_position_embeddings") if clip else None
+    tokenizer = "tokenizer_2" if "Flux" in components.get("transformer", ["", ""])[1] else "tokenizer"
+    return ModelInfo(folder, factor, max(factor, 8), int(net.get("sample_size") or 64), max_tokens, family,
+                     tokenizer)
 
 
 def check_size(info: ModelInfo | None, height: int | None, width: int | None, where: str = "--") -> None:
@@ -246,7 +255,7 @@ def _tokenizer(info: ModelInfo):
     """The model's tokenizer, read from its folder (no weights)."""
     from transformers import AutoTokenizer
 
-    return AutoTokenizer.from_pretrained(str(info.folder / "tokenizer"))
+    return AutoTokenizer.from_pretrained(str(info.folder / info.tokenizer))
 
 
 def check_prompt(info: ModelInfo | None, prompts: list[str], words: list[str] | None = None,
@@ -266,7 +275,7 @@ def check_prompt(info: ModelInfo | None, prompts: list[str], words: list[str] | 
         return
     tokenizer = _tokenizer(info)
     limit = min(tokenizer.model_max_length, info.max_tokens or tokenizer.model_max_length)
-    for prompt in prompts:
+    for prompt in prompts if info.max_tokens is not None else ():  # T5 families truncate as their pipeline does
         count = len(tokenizer(prompt, truncation=False).input_ids)
         if count > limit:
             raise ValueError(f"the {what} has {count} tokens but the text encoder reads at most {limit} (start and "

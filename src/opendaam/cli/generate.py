@@ -92,6 +92,9 @@ def validate(args) -> None:
         check_token_file(path)
     check_output_dir(args.out)
     info = check_model(args.model)
+    if info is not None and args.method == "linear" and info.family.startswith("joint attention"):
+        raise ValueError(f"--method linear needs keys linear in the text; {args.model} uses {info.family}, whose "
+                         "later blocks' text depends on the image: use --method daam or open_vocab")
     check_size(info, args.height, args.width)
     check_prompt(info, [args.prompt], args.words if args.method == "daam" else None)
 
@@ -119,7 +122,8 @@ def run(args) -> int:
     from opendaam.heatmaps import find_tokens, prompt_words
     from opendaam.models import generation_defaults, load_pipeline, set_threads
     from opendaam.optimize import load_token
-    from opendaam.tracing import tokenize_prompt, trace
+    from opendaam.tracing import adapter_for, trace
+    from opendaam.tracing.tracer import prompt_segments
     from opendaam.viz import overlay_grid, to_pil
 
     set_threads(args.threads)
@@ -130,7 +134,7 @@ def run(args) -> int:
     timings["load_s"] = time.perf_counter() - start
     call = generation_defaults(pipe, num_inference_steps=args.steps, guidance_scale=args.guidance,
                                height=args.height, width=args.width)
-    _, tokens = tokenize_prompt(pipe, args.prompt)  # hub models: their prompt length is known only now
+    tokens = prompt_segments(pipe, args.prompt)[0]["tokens"]  # hub models: their prompt length is known only now
     words = args.words if args.words is not None else [w for w, _ in prompt_words(tokens)]
     if args.method == "daam" and args.words:
         for word in words:  # a hub model's tokenizer was not readable before loading
@@ -140,9 +144,11 @@ def run(args) -> int:
     for sub in ("maps", "masks", "overlays"):
         (out / sub).mkdir(parents=True, exist_ok=True)
 
-    queries = args.method == "open_vocab"  # the query cache is only needed for open-vocabulary maps
+    # open-vocabulary maps need the query cache (cross-attention) or the replay data (joint attention)
+    joint = not adapter_for(pipe).linear_keys
+    need = {"replay" if joint else "queries": args.method == "open_vocab"}
     start = time.perf_counter()
-    with trace(pipe, prompt=args.prompt, queries=queries, meta={"seed": args.seed}) as tracer:
+    with trace(pipe, prompt=args.prompt, meta={"seed": args.seed}, **need) as tracer:
         result = pipe(args.prompt, generator=torch.Generator().manual_seed(args.seed), output_type="np",
                       **call)
     timings["generate_s"] = time.perf_counter() - start

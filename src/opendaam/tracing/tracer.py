@@ -468,7 +468,10 @@ def prompt_segments(pipe, prompt: str) -> list[dict]:
         [('tokenizer', 0, ['a</w>', 'car</w>'])]
     """
     names = adapter_for(pipe).text_segments(pipe)
-    ids, _ = tokenize_prompt(pipe, prompt, names[0])
+    if len(names) == 1:  # one tokenizer reads the whole prompt: past its length the model would not see it
+        ids, _ = tokenize_prompt(pipe, prompt, names[0])
+    else:  # SD3: CLIP's columns are cut at 77, as the pipeline cuts them; T5's columns read on
+        ids = getattr(pipe, names[0])(prompt, truncation=True).input_ids
     segments = [_segment(pipe, names[0], 0, ids)]
     offset = _tokenizer_of(pipe, names[0]).model_max_length
     for name in names[1:]:
