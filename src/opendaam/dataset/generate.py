@@ -29,8 +29,8 @@ import numpy as np
 import torch
 
 from opendaam.dataset.io import DatasetError, append_line, atomic_write, npz_bytes, png_bytes, read_manifest
-from opendaam.dataset.labels import label_map, mask_stats
-from opendaam.dataset.spec import DatasetSpec, Item, expand_items, spec_hash, spec_to_dict
+from opendaam.dataset.labels import adaptive_label_map, label_map, mask_stats
+from opendaam.dataset.spec import DatasetSpec, Item, SpecError, expand_items, spec_hash, spec_to_dict
 
 __all__ = [
     "DATASET_FORMAT",
@@ -299,6 +299,10 @@ def class_scores(record, spec: DatasetSpec, classes: tuple[str, ...], queries: d
     flat = [q for name in classes for q in queries[name]]
     groups = [[q] for q in flat] if spec.method == "open_vocab" else [flat]
     parts = [heatmaps(record, group, spec.method, pipe=pipe) for group in groups]
+    if spec.refine is not None:  # each pixel collects the maps over the pixels it attends to
+        from opendaam.refine import refine
+
+        parts = [refine(record, part, spec.refine.power, spec.refine.layers) for part in parts]
     maps = parts[0]
     latent = torch.cat([p.latent.detach().float() for p in parts])  # (queries, h, w)
     pooled, start = [], 0
@@ -430,6 +434,7 @@ def _generate_locked(spec: DatasetSpec, out: Path, digest: str, *, force: bool, 
         pipe.set_progress_bar_config(disable=True)
         call = generation_defaults(pipe, num_inference_steps=spec.steps, guidance_scale=spec.guidance,
                                    height=spec.height, width=spec.width)
+        _check_refine_layers(spec, pipe)
     _write_header(out, spec, digest, spec_text, spec_name)
     _repair_own_manifest(own_manifest, digest)
     if todo:
@@ -447,6 +452,21 @@ def _generate_locked(spec: DatasetSpec, out: Path, digest: str, *, force: bool, 
     return GenerateResult(out, len(todo), skipped, len(items), shard, finalized, kept)
 
 
+def _check_refine_layers(spec: DatasetSpec, pipe) -> None:
+    """Refinement layers the model has, before anything is written (else a SpecError naming its layers)."""
+    if spec.refine is None:
+        return
+    from opendaam.tracing import adapter_for
+    from opendaam.tracing.tracer import expand_layers
+
+    adapter = adapter_for(pipe)
+    try:
+        names = list(adapter.self_layers(adapter.denoiser(pipe)))
+        expand_layers(names, spec.refine.layers, "the model's self-attention layers")
+    except ValueError as error:
+        raise SpecError(f"spec key 'refine.layers': {error}") from None
+
+
 def _generate_items(spec: DatasetSpec, out: Path, pipe, todo: list[Item], call: dict, digest: str,
                     manifest: Path, shard: Shard, progress: bool) -> None:
     """The generation loop: generate, label, write files, then append the manifest line."""
@@ -455,7 +475,8 @@ def _generate_items(spec: DatasetSpec, out: Path, pipe, todo: list[Item], call: 
     from opendaam.tracing import TraceConfig, trace
 
     config = TraceConfig(daam=spec.method == "daam", queries=spec.method == "open_vocab",
-                         linear=spec.method == "linear")
+                         linear=spec.method == "linear",
+                         self_attention=spec.refine.layers if spec.refine is not None else None)
     queries = _class_queries(spec, pipe)
     ids = {c["name"]: c["id"] for c in class_table(spec)}
     desc = "dataset" if shard.world == 1 else f"dataset {shard.rank}/{shard.world}"
@@ -480,7 +501,11 @@ def _generate_item(spec: DatasetSpec, out: Path, pipe, tracer, item: Item, call:
 
     scores = class_scores(record, spec, item.classes, queries, pipe)  # (classes, H, W) float16
     item_ids = [ids[name] for name in item.classes]
-    labels = label_map(scores.astype(np.float32), item_ids, low, high)  # (H, W) uint8
+    if spec.thresholds.mode == "adaptive":
+        labels = adaptive_label_map(scores.astype(np.float32), item_ids, spec.thresholds.margin,
+                                    spec.thresholds.min_gap)  # (H, W) uint8
+    else:
+        labels = label_map(scores.astype(np.float32), item_ids, low, high)  # (H, W) uint8
     stats = mask_stats(labels, scores, item_ids, item.classes)
     image = (np.clip(result.images[0], 0.0, 1.0) * 255).round().astype(np.uint8)  # (H, W, 3)
     labelled = time.perf_counter()

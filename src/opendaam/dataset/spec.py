@@ -35,6 +35,7 @@ __all__ = [
     "OutputSpec",
     "SeedRange",
     "SpecError",
+    "RefineSpec",
     "Thresholds",
     "check_files",
     "expand_items",
@@ -101,6 +102,17 @@ class Thresholds:
 
     low: float = 0.3  # DAAM's tau is 0.4; 0.1 either side keeps the uncertain rim out of training
     high: float = 0.5  # see ``low``
+    mode: Literal["fixed", "adaptive"] = "fixed"  # "adaptive": an Otsu threshold per image and class instead
+    margin: float = 0.1  # adaptive: the uncertain band, as a share of the way from the threshold to 1 and to 0
+    min_gap: float = 0.1  # adaptive: a pixel two classes claim within this gap is ignored
+
+
+@dataclass(frozen=True)
+class RefineSpec:
+    """Self-attention refinement of the class maps before labelling (``opendaam.refine``)."""
+
+    layers: tuple[str, ...]  # self-attention layers of one size (names, prefixes, presets): N^2 floats each
+    power: int = 1  # propagation steps; on toy-urban one step helped and more washed maps out
 
 
 @dataclass(frozen=True)
@@ -146,6 +158,7 @@ class DatasetSpec:
     method: Literal["daam", "open_vocab", "linear"] = "daam"  # DAAM needs the class words in the prompt
     normalize: Literal["max", "minmax"] | None = None  # None: minmax for linear maps, max otherwise
     thresholds: Thresholds = Thresholds()  # see Thresholds
+    refine: RefineSpec | None = None  # None: the maps as traced
     filter: FilterSpec = FilterSpec()  # see FilterSpec
     outputs: OutputSpec = OutputSpec()  # see OutputSpec
     base_dir: str = field(default=".", compare=False)  # folder token paths are relative to (not a key)
@@ -420,6 +433,13 @@ def _check(spec: DatasetSpec) -> DatasetSpec:
     low, high = spec.thresholds.low, spec.thresholds.high
     if not 0.0 <= low <= high <= 1.0:
         raise SpecError(f"spec key 'thresholds': expected 0 <= low <= high <= 1, got low={low}, high={high}")
+    for key in ("margin", "min_gap"):
+        value = getattr(spec.thresholds, key)
+        if not 0.0 <= value <= 1.0:
+            raise SpecError(f"spec key 'thresholds.{key}': expected a number in [0, 1], got {value}")
+    if spec.refine is not None and (not spec.refine.layers or spec.refine.power < 1):
+        raise SpecError("spec key 'refine': give layers (e.g. [up_blocks.1]) and a power >= 1, got "
+                        f"layers={list(spec.refine.layers)}, power={spec.refine.power}")
     confidence = spec.filter.min_confidence
     if confidence is not None and not 0.0 <= confidence <= 1.0:
         raise SpecError(f"spec key 'filter.min_confidence': expected a number in [0, 1], got {confidence}")
