@@ -1,9 +1,11 @@
-"""Self-attention refinement on toy-urban, measured against exact masks.
+"""Self-attention refinement and adaptive thresholds on toy-urban, measured against exact masks.
 
 Generates img2img scenes per class (strength 0.5 from rendered scenes, so the rendered labels hold: the thesis
-experiment's ground truth), traces DAAM and the self-attention affinities of each U-Net resolution, and prints the
-max mIoU over thresholds of DAAM and of DAAM refined (``opendaam.refine``) with each layer group and power, per
-class and on average. Seeds 5000+ are disjoint from the thesis run's.
+experiment's ground truth), traces DAAM and the self-attention affinities of each U-Net resolution, and prints
+(1) the max mIoU over thresholds of DAAM and of DAAM refined (``opendaam.refine``) with each layer group and
+power, per class and on average, and (2) the dataset labels of DAAM and of the best refinement with the fixed band
+(0.3 / 0.5, the dataset default) and with adaptive thresholds: the class IoU, the precision of the labelled
+pixels and the share of pixels ignored. Seeds 5000+ are disjoint from the thesis run's.
 
 Usage::
 
@@ -17,9 +19,11 @@ import json
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
 
-from opendaam.experiments import THESIS_CLASSES, TEMPLATE, ToyWorldAnnotator
+from opendaam.dataset.labels import IGNORE, adaptive_label_map, label_map
+from opendaam.experiments import TEMPLATE, THESIS_CLASSES, ToyWorldAnnotator
 from opendaam.heatmaps import heatmaps
 from opendaam.metrics import curve_summary, default_thresholds, threshold_curve
 from opendaam.models import generation_defaults, load_pipeline, set_threads
@@ -44,6 +48,7 @@ def main() -> None:
     groups = {"16x16": ("down_blocks.0", "up_blocks.2"), "8x8": ("down_blocks.1", "up_blocks.1")}
     variants = ["daam"] + [f"refined {g} p{p}" for g in groups for p in (1, 2, 4)]
     curves = {v: {c: [] for c in THESIS_CLASSES} for v in variants}
+    labelled = {f"{m} {t}": [] for m in ("daam", "refined 8x8 p1") for t in ("fixed", "adaptive")}
     start = time.perf_counter()
     for cls in THESIS_CLASSES:
         for seed in range(args.seed0, args.seed0 + args.per_class):
@@ -60,6 +65,17 @@ def main() -> None:
                     found[f"refined {group} p{power}"] = refine(record, maps, power=power, layers=prefixes)
             for name, m in found.items():
                 curves[name][cls].append(threshold_curve(m.soft, mask[None], taus))
+            truth = mask.numpy()
+            for name in ("daam", "refined 8x8 p1"):
+                scores = found[name].normalized()[0].clamp(0, 1).numpy()[None]  # (1, H, W) as a dataset scores
+                for rule, labels in (("fixed", label_map(scores, [1], 0.3, 0.5)),
+                                     ("adaptive", adaptive_label_map(scores, [1]))):
+                    known = labels != IGNORE
+                    said = labels == 1
+                    labelled[f"{name} {rule}"].append((
+                        (said & truth).sum() / max((said | truth).sum(), 1),  # class IoU (ignored counts as miss)
+                        ((labels == 1) == truth)[known].mean() if known.any() else float("nan"),  # precision
+                        1 - known.mean()))  # share ignored
     result = {"per_class": args.per_class, "seed0": args.seed0, "strength": annotator.strength,
               "seconds": round(time.perf_counter() - start, 1), "max_miou": {}}
     for name in variants:
@@ -67,6 +83,13 @@ def main() -> None:
         scores["mean"] = sum(scores.values()) / len(THESIS_CLASSES)
         result["max_miou"][name] = {k: round(v, 1) for k, v in scores.items()}
         print(f"{name:18s} " + "  ".join(f"{k} {v:5.1f}" for k, v in scores.items()))
+    result["labels"] = {}
+    for name, rows in labelled.items():
+        iou, precision, ignored = (float(np.nanmean(col)) for col in zip(*rows, strict=True))
+        result["labels"][name] = {"iou": round(100 * iou, 1), "precision": round(100 * precision, 1),
+                                  "ignored": round(100 * ignored, 1)}
+        print(f"labels {name:24s} IoU {100 * iou:5.1f}  precision {100 * precision:5.1f}  "
+              f"ignored {100 * ignored:5.1f}%")
     if args.out:
         args.out.write_text(json.dumps(result, indent=1))
 

@@ -89,6 +89,20 @@ class LayerKind:
         """``to_q`` output ``(..., N, inner)`` and per-head queries ``(..., heads, N, head_dim)`` of inputs ``h``."""
         return image_queries(attn, h)
 
+    def projections(self, attn: nn.Module) -> list[nn.Module | None]:
+        """The layer's query projection and, where keys change every step (joint attention), its text key
+        projection: the tracer reads their outputs from the model's own call instead of computing them again."""
+        return [attn.to_q, None]
+
+    def query_rows(self, projected: Tensor, call: LayerCall, rows: slice) -> Tensor:
+        """The image queries' projection ``(n, N, inner)`` of the conditional ``rows`` from ``to_q``'s output."""
+        return projected[rows]
+
+    def head_queries(self, attn: nn.Module, flat: Tensor, call: LayerCall) -> Tensor:
+        """Per-head queries ``(..., heads, N, head_dim)`` from the projection ``flat`` ``(..., N, inner)``."""
+        q = flat.view(*flat.shape[:-1], attn.heads, -1).transpose(-2, -3)
+        return attn.norm_q(q) if attn.norm_q is not None else q
+
     def text_states(self, attn: nn.Module, call: LayerCall, rows: slice) -> Tensor | None:
         """The text states ``(n, T, D)`` the layer's keys are computed from, for ``rows``."""
         states = call.encoder_hidden_states
@@ -146,6 +160,35 @@ class JointAttention(LayerKind):
             q = _rope(q, cos[call.text_len :], sin[call.text_len :])
         return flat, q
 
+    def projections(self, attn: nn.Module) -> list[nn.Module | None]:
+        return [attn.to_q, attn.add_k_proj]
+
+    def head_queries(self, attn: nn.Module, flat: Tensor, call: LayerCall) -> Tensor:
+        q = super().head_queries(attn, flat, call)
+        if call.rotary is not None:
+            cos, sin = call.rotary
+            q = _rope(q, cos[call.text_len :], sin[call.text_len :])
+        return q
+
+    def key_rows(self, projected: Tensor, call: LayerCall, rows: slice) -> Tensor:
+        """The text keys' projection ``(n, T, inner)`` of the conditional ``rows`` from its module's output."""
+        return projected[rows]
+
+    def key_norm(self, attn: nn.Module):
+        """The norm the processor applies to the text keys per head."""
+        return attn.norm_added_k
+
+    def projected_keys(self, attn: nn.Module, projected: Tensor, call: LayerCall) -> Tensor:
+        """Keys ``(n, heads, T, head_dim)`` from the text key projection's output of the conditional rows."""
+        k = projected.view(*projected.shape[:-1], attn.heads, -1).transpose(-2, -3)
+        norm = self.key_norm(attn)
+        if norm is not None:
+            k = norm(k)
+        if call.rotary is not None:
+            cos, sin = call.rotary
+            k = _rope(k, cos[: k.shape[-2]], sin[: k.shape[-2]])
+        return k
+
     def keys(self, attn: nn.Module, states: Tensor, call: LayerCall | None = None,
              exact_module: bool = False) -> Tensor:
         k = attn.add_k_proj(states.to(attn.add_k_proj.weight.dtype))  # (..., T, inner)
@@ -181,6 +224,18 @@ class SingleStream(JointAttention):
 
     def text_states(self, attn: nn.Module, call: LayerCall, rows: slice) -> Tensor:
         return call.hidden_states[rows, : call.text_len]
+
+    def projections(self, attn: nn.Module) -> list[nn.Module | None]:
+        return [attn.to_q, attn.to_k]  # one sequence [text; image] through both
+
+    def query_rows(self, projected: Tensor, call: LayerCall, rows: slice) -> Tensor:
+        return projected[rows, call.text_len :]
+
+    def key_rows(self, projected: Tensor, call: LayerCall, rows: slice) -> Tensor:
+        return projected[rows, : call.text_len]
+
+    def key_norm(self, attn: nn.Module):
+        return attn.norm_k
 
     def keys(self, attn: nn.Module, states: Tensor, call: LayerCall | None = None,
              exact_module: bool = False) -> Tensor:

@@ -95,12 +95,28 @@ class ProcessorHooks:
     it added. Removing twice is safe, and so is closing traces out of order: a wrapper of ours that a later
     trace wrapped again is cut out of that chain, so no recording processor is left behind."""
 
-    def __init__(self, denoiser: nn.Module, layers: list[str], observe: Callable, on_call: Callable):
+    def __init__(self, denoiser: nn.Module, layers: list[str], observe: Callable, on_call: Callable,
+                 capture: dict[str, list[nn.Module | None]] | None = None):
         self.denoiser = denoiser
         current = dict(denoiser.attn_processors)
         self.wrappers = {name: wrap_processor(current[name], name, observe) for name in layers}
         denoiser.set_attn_processor({**current, **self.wrappers})  # set_attn_processor consumes its dict
         self.handle = denoiser.register_forward_pre_hook(on_call, with_kwargs=True)
+        # outputs of the layers' own projections (to_q, ...), taken by the observer right after the processor
+        # returns, so that the tracer reads the queries the model computed instead of computing them again
+        self.captured: dict[tuple[str, int], Tensor] = {}
+        self.projection_handles = [
+            module.register_forward_hook(self._keep(name, i))
+            for name, modules in (capture or {}).items() for i, module in enumerate(modules) if module is not None]
+
+    def _keep(self, name: str, index: int):
+        def hook(module, args, output):
+            self.captured[(name, index)] = output
+        return hook
+
+    def take(self, name: str, index: int) -> Tensor | None:
+        """The output of projection ``index`` of layer ``name`` in its last call, handed over once."""
+        return self.captured.pop((name, index), None)
 
     def remove(self) -> None:
         """Remove the pre-hook and our wrappers; every other processor stays as it is now."""
@@ -108,6 +124,9 @@ class ProcessorHooks:
             return
         self.handle.remove()
         self.handle = None
+        for handle in self.projection_handles:
+            handle.remove()
+        self.projection_handles, self.captured = [], {}
         current = dict(self.denoiser.attn_processors)
         self.denoiser.set_attn_processor({name: _without(proc, self.wrappers.get(name))
                                           for name, proc in current.items()})

@@ -19,7 +19,7 @@ from dataclasses import asdict, dataclass, replace
 import torch
 from torch import Tensor
 
-from opendaam.attention import LOG2E, UPSAMPLE_MODES, image_queries, softmax_maps, text_keys
+from opendaam.attention import LOG2E, UPSAMPLE_MODES, softmax_maps
 from opendaam.tracing.adapters import LayerCall, LayerKind, adapter_for, layer_presets
 from opendaam.tracing.hooks import GenerationClock, ProcessorHooks, TextCall, TextEncoderHooks
 from opendaam.tracing.recorders import Finish, LayerBatch, Recorder, probability_chunks, recorders_for
@@ -58,12 +58,12 @@ class TraceConfig:
 _SELF = LayerKind()  # image self-attention: the query input is computed as in cross-attention
 
 _BUFFER_BYTES = 8 << 20
-"""Per-layer budget for buffered query inputs: small layers are computed a batch of steps at a time (one
-matmul and softmax instead of one per step); a layer whose single step is larger is computed at once."""
+"""Per-layer budget for buffered queries: small layers are computed a batch of steps at a time (one matmul and
+softmax instead of one per step); a layer whose single step is larger is computed at once."""
 
 
 class _StepBuffer:
-    """A layer's query inputs of the last few steps, with the keys they attend to."""
+    """A layer's query projections of the last few steps, with the keys they attend to."""
 
     def __init__(self, hidden: Tensor):
         self.hidden = hidden  # (steps, n, N, dim) preallocated
@@ -134,8 +134,10 @@ class Tracer:
     def _install(self) -> None:
         """Wrap the processors of the recorded layers, pre-hook the denoiser, hook the text encoders."""
         self._text = TextEncoderHooks(self.pipe)
+        capture = {name: self.kinds[name].projections(module) for name, module in self.layers.items()}
+        capture.update({name: [module.to_q, module.to_k] for name, module in self.self_layers.items()})
         self._hooks = ProcessorHooks(self.denoiser, list(self.layers) + list(self.self_layers), self._observe,
-                                     self._on_call)
+                                     self._on_call, capture)
 
     def _restore(self, failed: bool = False) -> None:
         """Take out what :meth:`_install` added; records of an interrupted generation are marked incomplete."""
@@ -239,11 +241,13 @@ class Tracer:
 
     # -- recording inside a layer -------------------------------------------------------------------
     def _observe(self, name: str, attn, hidden_states: Tensor, inputs: dict) -> None:
-        """Buffer one layer's conditional query inputs of the current step; :meth:`_flush` computes from them."""
+        """Buffer one layer's conditional queries of the current step (the model's own ``to_q`` output, taken by a
+        forward hook); :meth:`_flush` computes from them."""
         rows = self._rows
+        projected = (self._hooks.take(name, 0), self._hooks.take(name, 1))  # handed over once, used or not
         if name in self.self_layers:
             if rows is not None:
-                self._observe_self(name, attn, hidden_states, inputs, rows)
+                self._observe_self(name, attn, hidden_states, inputs, rows, projected)
             return
         kind = self.kinds[name]
         call = LayerCall(hidden_states=hidden_states, encoder_hidden_states=inputs.get("encoder_hidden_states"),
@@ -253,9 +257,17 @@ class Tracer:
             return
         if torch.is_grad_enabled():  # pipelines run without gradients; a decorator would cost every call
             with torch.no_grad():
-                return self._observe(name, attn, hidden_states, inputs)
-        h = kind.query_input(attn, call, rows)  # (n, N, dim) the layer's query input for the conditional rows
-        context, keys, bias = self._context_keys(name, attn, call)
+                return self._observe_projected(name, attn, kind, call, rows, projected)
+        self._observe_projected(name, attn, kind, call, rows, projected)
+
+    def _observe_projected(self, name: str, attn, kind, call: LayerCall, rows: slice, projected: tuple) -> None:
+        """:meth:`_observe` with the layer's own projections: buffer the conditional rows' queries."""
+        q_out, k_out = projected
+        if q_out is not None:  # the model's own to_q output: (n, N, inner) for the conditional rows
+            h = kind.query_rows(q_out, call, rows)
+        else:  # a processor that does not call to_q: project the query input here
+            h = attn.to_q(kind.query_input(attn, call, rows))
+        context, keys, bias = self._context_keys(name, attn, call, k_out)
         position = len(self._gen_meta["steps"]) - 1  # this step's row in the per-step buffers
         if self.config.joint_slice and kind.joint:  # the image keys the text competes with, in log2 units
             image_keys = kind.image_keys(attn, call, rows).float() * (kind.scale(attn) * LOG2E)
@@ -282,12 +294,20 @@ class Tracer:
         buf.attn, buf.context, buf.keys, buf.bias, buf.call = attn, context, keys, bias, call
 
     @torch.no_grad()
-    def _observe_self(self, name: str, attn, hidden_states: Tensor, inputs: dict, rows: slice) -> None:
+    def _observe_self(self, name: str, attn, hidden_states: Tensor, inputs: dict, rows: slice,
+                      projected: tuple) -> None:
         """Add one step's head-mean self-attention affinities ``(N, N)`` of the conditional images."""
-        call = LayerCall(hidden_states=hidden_states, temb=inputs.get("temb"))
-        h = self.kinds.get(name, _SELF).query_input(attn, call, rows)  # (n, N, dim)
-        _, q = image_queries(attn, h)  # (n, heads, N, head_dim)
-        k = text_keys(attn, h, exact_module=True)  # the image tokens' own keys, (n, heads, N, head_dim)
+        q_out, k_out = projected
+        if q_out is None or k_out is None:
+            call = LayerCall(hidden_states=hidden_states, temb=inputs.get("temb"))
+            h = _SELF.query_input(attn, call, rows)  # (n, N, dim)
+            q_out, k_out = attn.to_q(h), attn.to_k(h)
+        else:
+            q_out, k_out = q_out[rows], k_out[rows]
+        q = _SELF.head_queries(attn, q_out, None)  # (n, heads, N, head_dim)
+        k = k_out.view(*k_out.shape[:-1], attn.heads, -1).transpose(-2, -3)  # the image tokens' own keys
+        if attn.norm_k is not None:
+            k = attn.norm_k(k)
         probs = softmax_maps(k.float(), q.float(), float(attn.scale))  # (n, heads, N keys, N queries)
         affinity = probs.mean(1).transpose(-1, -2)  # (n, N queries, N keys): each row sums to 1
         slots = self._affinity.setdefault(name, [None] * self._images)
@@ -311,9 +331,10 @@ class Tracer:
     @torch.no_grad()
     def _compute(self, name: str, attn, h: Tensor, context: Tensor, keys: Tensor, bias: Tensor | None,
                  call: LayerCall, positions: list[int], image_keys: Tensor | None = None) -> None:
-        """Hand ``k`` steps of one layer to the recorders; ``h`` is ``(k, n, N, dim)``, ``positions`` the steps'
-        rows in the per-step buffers."""
-        flat, q = self.kinds[name].queries(attn, h, call)  # (k, n, N, inner), (k, n, heads, N, head_dim)
+        """Hand ``k`` steps of one layer to the recorders; ``h`` is the query projection ``(k, n, N, inner)``,
+        ``positions`` the steps' rows in the per-step buffers."""
+        flat = h  # (k, n, N, inner) the model's query projection
+        q = self.kinds[name].head_queries(attn, flat, call)  # (k, n, heads, N, head_dim)
         _, _, heads, pixels, head_dim = q.shape
         if name not in self._layer_info:
             self._layer_info[name] = self._describe(name, attn, pixels, heads, head_dim)
@@ -326,7 +347,8 @@ class Tracer:
         for recorder in self.recorders:
             recorder.add(batch)
 
-    def _context_keys(self, name: str, attn, call: LayerCall) -> tuple[Tensor, Tensor, Tensor | None]:
+    def _context_keys(self, name: str, attn, call: LayerCall,
+                      projected: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor | None]:
         """The conditional text states ``(n, T, D)`` to record, the keys ``(n, heads, T, head_dim)`` scaled by the
         layer's softmax scale and log2(e), and the score bias ``(n, T)`` in log2 units, computed once per
         generation while the pipeline passes the same, unmodified text tensor (a held reference, so its identity
@@ -339,7 +361,10 @@ class Tracer:
             return cached[3], cached[4], cached[5]
         kind = self.kinds[name]
         states = kind.text_states(attn, call, self._rows)  # (n, T, D)
-        k = kind.keys(attn, states, call, exact_module=True)  # (n, heads, T, head_dim)
+        if projected is not None:  # joint attention: the model's own key projection of this step's text
+            k = kind.projected_keys(attn, kind.key_rows(projected, call, self._rows), call)
+        else:
+            k = kind.keys(attn, states, call, exact_module=True)  # (n, heads, T, head_dim)
         keys = (k.float() * (kind.scale(attn) * LOG2E)).contiguous()
         bias = kind.score_bias(call, self._rows)
         bias = None if bias is None else (bias * LOG2E).contiguous()  # (n, T)
