@@ -48,6 +48,11 @@ def test_refined_adaptive_dataset(root):
     scores = read_npz(root / "out" / entry["files"]["maps"])["car"].astype(np.float32)  # (H, W)
     labels = np.array(Image.open(root / "out" / entry["files"]["label"]))
     assert np.array_equal(labels, adaptive_label_map(scores[None], [1], 0.2, 0.05))
+    picture = Image.open(root / "out" / entry["files"]["label"])  # palette PNG: ids kept, colours shown
+    assert picture.mode == "P" and picture.getpalette()[3:6] == [0, 0, 142]  # value 1 (car): Cityscapes' car
+    exported = sorted((root / "out" / "cityscapes").rglob("*_gtFine_labelIds.png"))
+    assert exported and Image.open(exported[0]).mode == "P"
+    assert Image.open(exported[0]).getpalette()[26 * 3 : 26 * 3 + 3] == [0, 0, 142]  # label id 26 is car
     pipe = load_pipeline(root / "tiny")
     pipe.set_progress_bar_config(disable=True)
     with trace(pipe, self_attention=("up_blocks.1",)) as tracer:

@@ -7,11 +7,13 @@ cannot be stored in a uint8 label map and Cityscapes itself maps it to "unlabele
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import NamedTuple
 
 import numpy as np
 
-__all__ = ["CITYSCAPES_IDS", "CITYSCAPES_LABELS", "IGNORE", "CityscapesLabel", "cityscapes_id", "train_id_lut"]
+__all__ = ["CITYSCAPES_COLOURS", "CITYSCAPES_IDS", "CITYSCAPES_LABELS", "IGNORE", "CityscapesLabel", "cityscapes_id",
+           "label_palette", "train_id_lut"]
 
 IGNORE = 255
 """Label value of pixels that training and evaluation skip."""
@@ -94,3 +96,58 @@ def train_id_lut() -> np.ndarray:
     for label in CITYSCAPES_LABELS:
         lut[label.id] = label.train_id
     return lut
+
+
+CITYSCAPES_COLOURS: dict[int, tuple[int, int, int]] = {
+    0: (0, 0, 0), 1: (0, 0, 0), 2: (0, 0, 0), 3: (0, 0, 0), 4: (0, 0, 0), 5: (111, 74, 0), 6: (81, 0, 81),
+    7: (128, 64, 128), 8: (244, 35, 232), 9: (250, 170, 160), 10: (230, 150, 140), 11: (70, 70, 70),
+    12: (102, 102, 156), 13: (190, 153, 153), 14: (180, 165, 180), 15: (150, 100, 100), 16: (150, 120, 90),
+    17: (153, 153, 153), 18: (153, 153, 153), 19: (250, 170, 30), 20: (220, 220, 0), 21: (107, 142, 35),
+    22: (152, 251, 152), 23: (70, 130, 180), 24: (220, 20, 60), 25: (255, 0, 0), 26: (0, 0, 142),
+    27: (0, 0, 70), 28: (0, 60, 100), 29: (0, 0, 90), 30: (0, 0, 110), 31: (0, 80, 100), 32: (0, 0, 230),
+    33: (119, 11, 32),
+}
+"""Cityscapes label id -> display colour, as in the benchmark's ``labels.py`` (``*_gtFine_color.png``)."""
+
+
+def label_palette(ids: str = "label", classes: Sequence[str | dict] | None = None) -> np.ndarray:
+    """A ``(256, 3)`` uint8 table from label value to Cityscapes colour (255, ignored, stays black).
+
+    Args:
+        ids: what the label values are: ``"label"`` (Cityscapes label ids, ``*_labelIds.png``) or ``"train"``
+            (the 19 train ids, ``*_labelTrainIds.png``).
+        classes: instead of ``ids``, the classes of values 1..K (0 is background), as in a dataset's
+            ``labels/*.png``: names, or the class table's dicts (``name``, optional ``cityscapes_id``); a
+            class Cityscapes lacks gets a grey of its own.
+
+    Example:
+        >>> label_palette()[26].tolist(), label_palette("train")[13].tolist()
+        ([0, 0, 142], [0, 0, 142])
+        >>> label_palette(classes=["car", "tree"])[1:3].tolist()
+        [[0, 0, 142], [170, 170, 170]]
+    """
+    table = np.zeros((256, 3), dtype=np.uint8)  # (256, 3) label value -> colour
+    if classes is not None:
+        for value, cls in enumerate(classes, start=1):
+            label_id = _class_cityscapes_id(cls)
+            grey = 96 + (37 * value) % 128  # distinct greys for classes without a Cityscapes colour
+            table[value] = CITYSCAPES_COLOURS[label_id] if label_id is not None else (grey, grey, grey)
+        return table
+    if ids == "label":
+        for label_id, colour in CITYSCAPES_COLOURS.items():
+            table[label_id] = colour
+    elif ids == "train":
+        for label in CITYSCAPES_LABELS:
+            if label.train_id != IGNORE:
+                table[label.train_id] = CITYSCAPES_COLOURS[label.id]
+    else:
+        raise ValueError(f"ids must be 'label' (Cityscapes label ids) or 'train' (train ids), not {ids!r}")
+    table[IGNORE] = (0, 0, 0)
+    return table
+
+
+def _class_cityscapes_id(cls: str | dict) -> int | None:
+    """Cityscapes label id of a class given by name or by a class-table dict."""
+    if isinstance(cls, dict):
+        return cls["cityscapes_id"] if cls.get("cityscapes_id") is not None else cityscapes_id(cls["name"])
+    return cityscapes_id(cls)

@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from opendaam.dataset.cityscapes import CITYSCAPES_IDS, IGNORE, train_id_lut
+from opendaam.dataset.cityscapes import CITYSCAPES_IDS, IGNORE, label_palette, train_id_lut
 from opendaam.dataset.io import atomic_write, inside, png_bytes
 from opendaam.dataset.labels import connected_components
 
@@ -52,6 +52,10 @@ def class_to_label_ids(classes: Sequence[dict], background_id: int = 0) -> np.nd
             lut[cls["id"]] = cls["cityscapes_id"]
     lut[IGNORE] = 0
     return lut
+
+
+_LABEL_COLOURS = label_palette("label")  # palette PNGs: the ids stay, viewers see Cityscapes' colours
+_TRAIN_COLOURS = label_palette("train")
 
 
 def cityscapes_arrays(labels: np.ndarray, classes: Sequence[dict],
@@ -97,8 +101,9 @@ def export_cityscapes(out: Path, entries: Sequence[dict], classes: Sequence[dict
         image = inside(root, f"leftImg8bit/{split}/{city}/{stem}_leftImg8bit.png")
         gt = inside(root, f"gtFine/{split}/{city}")
         written.append(atomic_write(image, inside(out, entry["files"]["image"]).read_bytes()))
-        written.append(atomic_write(inside(gt, f"{stem}_gtFine_labelIds.png"), png_bytes(label_ids)))
-        written.append(atomic_write(inside(gt, f"{stem}_gtFine_labelTrainIds.png"), png_bytes(train_ids)))
+        written.append(atomic_write(inside(gt, f"{stem}_gtFine_labelIds.png"), png_bytes(label_ids, _LABEL_COLOURS)))
+        written.append(atomic_write(inside(gt, f"{stem}_gtFine_labelTrainIds.png"), png_bytes(train_ids,
+                                                                                             _TRAIN_COLOURS)))
     return written
 
 

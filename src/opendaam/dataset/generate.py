@@ -17,6 +17,7 @@ finished exactly when its manifest line exists; a rerun skips finished items. Sh
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import os
@@ -28,6 +29,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from opendaam.dataset.cityscapes import label_palette
 from opendaam.dataset.io import DatasetError, append_line, atomic_write, npz_bytes, png_bytes, read_manifest
 from opendaam.dataset.labels import adaptive_label_map, label_map, mask_stats
 from opendaam.dataset.spec import DatasetSpec, Item, SpecError, expand_items, spec_hash, spec_to_dict
@@ -452,6 +454,12 @@ def _generate_locked(spec: DatasetSpec, out: Path, digest: str, *, force: bool, 
     return GenerateResult(out, len(todo), skipped, len(items), shard, finalized, kept)
 
 
+@functools.lru_cache(maxsize=8)
+def _palette(spec: DatasetSpec) -> np.ndarray:
+    """The colours of the dataset's label values: its classes' Cityscapes colours (frozen specs are hashable)."""
+    return label_palette(classes=class_table(spec))
+
+
 def _check_refine_layers(spec: DatasetSpec, pipe) -> None:
     """Refinement layers the model has, before anything is written (else a SpecError naming its layers)."""
     if spec.refine is None:
@@ -511,7 +519,7 @@ def _generate_item(spec: DatasetSpec, out: Path, pipe, tracer, item: Item, call:
     labelled = time.perf_counter()
 
     files = item_files(item.key)
-    label_png = png_bytes(labels)
+    label_png = png_bytes(labels, _palette(spec))  # palette PNG: the ids stay, viewers see Cityscapes colours
     atomic_write(out / files["image"], png_bytes(image))
     atomic_write(out / files["maps"], npz_bytes(dict(zip(item.classes, scores, strict=True))))
     atomic_write(out / files["label"], label_png)

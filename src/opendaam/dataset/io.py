@@ -150,18 +150,29 @@ def read_manifest(path: str | Path) -> list[dict]:
     return entries
 
 
-def png_bytes(array: np.ndarray) -> bytes:
+def png_bytes(array: np.ndarray, palette: np.ndarray | None = None) -> bytes:
     """PNG bytes of a ``uint8`` ``(H, W)`` or ``(H, W, 3)`` array (the same array always gives the same bytes).
+
+    With a ``(256, 3)`` ``palette`` a label map is written as a palette image: its values stay the ids (reading
+    it gives them back) and viewers show the palette's colours instead of near-black greys.
 
     Example:
         >>> data = png_bytes(np.array([[0, 255]], dtype=np.uint8))
         >>> np.asarray(Image.open(io.BytesIO(data))).tolist()
         [[0, 255]]
+        >>> palette = np.zeros((256, 3), np.uint8); palette[1] = (0, 0, 142)
+        >>> image = Image.open(io.BytesIO(png_bytes(np.array([[1, 0]], np.uint8), palette)))
+        >>> image.mode, np.asarray(image).tolist(), image.convert("RGB").getpixel((0, 0))
+        ('P', [[1, 0]], (0, 0, 142))
     """
     if array.dtype != np.uint8:
         raise TypeError(f"PNG arrays must be uint8, not {array.dtype}")
     buffer = io.BytesIO()
-    Image.fromarray(array).save(buffer, format="PNG")
+    image = Image.fromarray(array)
+    if palette is not None:
+        image = image.convert("P") if image.mode != "P" else image
+        image.putpalette(np.asarray(palette, dtype=np.uint8).reshape(-1).tolist())
+    image.save(buffer, format="PNG")
     return buffer.getvalue()
 
 
