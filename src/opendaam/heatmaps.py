@@ -13,6 +13,7 @@ imports nothing of opendaam).
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
@@ -199,6 +200,10 @@ def _end_index(tokens: Sequence[str]) -> int:
     return len(tokens) - 1
 
 
+_CLIP_WORD = re.compile(r"[^\W\d_]+|\d|[^\s\w]+")
+"""How CLIP's tokenizer splits text into words before byte-pair encoding: letter runs, single digits, punctuation."""
+
+
 def find_tokens(tokens: Sequence[str], word: str) -> list[int]:
     """Token positions of ``word`` (one or more words, e.g. ``"traffic light"``) in a tokenized prompt.
 
@@ -211,6 +216,8 @@ def find_tokens(tokens: Sequence[str], word: str) -> list[int]:
         >>> toks = ["<|startoftext|>", "a</w>", "traffic</w>", "light</w>", "<|endoftext|>"]
         >>> find_tokens(toks, "traffic light"), find_tokens(toks, "<eot>")
         ([2, 3], [4])
+        >>> find_tokens(["<|startoftext|>", "a</w>", "car</w>", ",</w>", "<|endoftext|>"], "car,")
+        [2, 3]
     """
     key = word.strip().lower()
     if key in START_NAMES:
@@ -219,7 +226,8 @@ def find_tokens(tokens: Sequence[str], word: str) -> list[int]:
         return [0]
     if key in END_NAMES:
         return [_end_index(tokens)]
-    wanted = key.split() if _sentencepiece(tokens) else [_as_token_text(w) for w in key.split()]
+    # CLIP splits letters, digits and punctuation into words of their own ("car," is "car" then ",")
+    wanted = key.split() if _sentencepiece(tokens) else [_as_token_text(w) for w in _CLIP_WORD.findall(key)]
     words = prompt_words(tokens)
     found: list[int] = []
     for start in range(len(words) - len(wanted) + 1):
