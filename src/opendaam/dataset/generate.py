@@ -30,7 +30,17 @@ import numpy as np
 import torch
 
 from opendaam.dataset.cityscapes import label_palette
-from opendaam.dataset.io import DatasetError, append_line, atomic_write, npz_bytes, png_bytes, read_manifest
+from opendaam.dataset.io import (
+    TIMING_KEY,
+    DatasetError,
+    append_line,
+    atomic_write,
+    finished_items,
+    item_files,
+    npz_bytes,
+    png_bytes,
+    read_manifest,
+)
 from opendaam.dataset.labels import adaptive_label_map, label_map, mask_stats
 from opendaam.dataset.spec import DatasetSpec, Item, SpecError, expand_items, spec_hash, spec_to_dict
 
@@ -40,17 +50,14 @@ __all__ = [
     "Shard",
     "class_table",
     "current_shard",
-    "finished_items",
     "generate",
-    "item_files",
     "shard_manifest",
 ]
 
 DATASET_FORMAT = 1
 """Version of the dataset folder layout."""
 
-TIMING_KEY = "timing"
-"""Manifest field holding wall times: the only field that differs between two runs of the same spec."""
+
 
 
 @dataclass(frozen=True)
@@ -125,16 +132,6 @@ def shard_manifest(out: Path, shard: Shard) -> Path:
     return out / "shards" / f"manifest-{shard.rank:05d}-of-{shard.world:05d}.jsonl"
 
 
-def item_files(key: str) -> dict[str, str]:
-    """Relative paths of an item's files.
-
-    Example:
-        >>> item_files("000003")["label"]
-        'labels/000003.png'
-    """
-    return {"image": f"images/{key}.png", "label": f"labels/{key}.png", "maps": f"maps/{key}.npz"}
-
-
 def class_table(spec: DatasetSpec) -> list[dict]:
     """Label id, name and Cityscapes id of every class (label id = position in the spec + 1).
 
@@ -152,27 +149,6 @@ def class_table(spec: DatasetSpec) -> list[dict]:
          "cityscapes_id": c.cityscapes_id if c.cityscapes_id is not None else cityscapes_id(c.name)}
         for i, c in enumerate(spec.classes)
     ]
-
-
-def finished_items(out: Path, digest: str) -> dict[int, dict]:
-    """Manifest entries (by index) of items finished for the spec with hash ``digest``, across all shard
-    manifests, whose files all exist.
-
-    Example:
-        >>> finished_items(Path("no-such-folder"), "abc")
-        {}
-    """
-    done: dict[int, dict] = {}
-    folder = out / "shards"
-    if not folder.exists():
-        return done
-    for path in sorted(folder.glob("manifest-*.jsonl")):
-        for entry in read_manifest(path):
-            if entry.get("provenance", {}).get("spec_hash") != digest:
-                continue
-            if all((out / rel).exists() for rel in entry["files"].values()):
-                done.setdefault(int(entry["index"]), entry)
-    return done
 
 
 @dataclass(frozen=True)

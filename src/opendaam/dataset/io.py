@@ -1,4 +1,5 @@
-"""Crash-safe file writing for datasets: atomic files, append-only manifests, deterministic PNG and NPZ bytes.
+"""A dataset folder's files: crash-safe writing (atomic files, append-only manifests, deterministic PNG and NPZ
+bytes), the item file layout and reading the manifests; generation, merging and export all use it.
 
 Every file is written to a hidden temporary name in its folder and renamed over the final name
 (``os.replace``), so a reader (or a rerun) sees either the old file, the whole new file, or nothing; a
@@ -22,11 +23,14 @@ from PIL import Image
 from opendaam._io import atomic_write_with
 
 __all__ = [
+    "TIMING_KEY",
     "DatasetError",
     "WriteError",
     "append_line",
     "atomic_write",
+    "finished_items",
     "inside",
+    "item_files",
     "npz_bytes",
     "png_bytes",
     "read_manifest",
@@ -226,3 +230,38 @@ def remove_temp_files(folder: str | Path) -> int:
             path.unlink(missing_ok=True)
             count += 1
     return count
+
+
+TIMING_KEY = "timing"
+"""Manifest field holding wall times: the only field that differs between two runs of the same spec."""
+
+
+def item_files(key: str) -> dict[str, str]:
+    """Relative paths of an item's files.
+
+    Example:
+        >>> item_files("000003")["label"]
+        'labels/000003.png'
+    """
+    return {"image": f"images/{key}.png", "label": f"labels/{key}.png", "maps": f"maps/{key}.npz"}
+
+
+def finished_items(out: Path, digest: str) -> dict[int, dict]:
+    """Manifest entries (by index) of items finished for the spec with hash ``digest``, across all shard
+    manifests, whose files all exist.
+
+    Example:
+        >>> finished_items(Path("no-such-folder"), "abc")
+        {}
+    """
+    done: dict[int, dict] = {}
+    folder = out / "shards"
+    if not folder.exists():
+        return done
+    for path in sorted(folder.glob("manifest-*.jsonl")):
+        for entry in read_manifest(path):
+            if entry.get("provenance", {}).get("spec_hash") != digest:
+                continue
+            if all((out / rel).exists() for rel in entry["files"].values()):
+                done.setdefault(int(entry["index"]), entry)
+    return done

@@ -21,8 +21,7 @@ from pathlib import Path
 import numpy as np
 
 from opendaam.dataset.folder import EXPORT_FOLDERS, ITEM_FOLDERS, dataset_lock, listed_exports, refuse_foreign_files
-from opendaam.dataset.generate import TIMING_KEY, finished_items
-from opendaam.dataset.io import DatasetError, atomic_write, read_manifest, remove_temp_files
+from opendaam.dataset.io import TIMING_KEY, DatasetError, atomic_write, finished_items, read_manifest, remove_temp_files
 from opendaam.dataset.spec import DatasetSpec, FilterSpec, expand_items, parse_spec
 
 __all__ = ["FinalizeResult", "filter_items", "finalize", "load_dataset", "write_card"]
