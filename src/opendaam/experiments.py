@@ -38,6 +38,7 @@ __all__ = [
     "THESIS_CLASSES",
     "Evaluation",
     "Item",
+    "Split",
     "ThesisConfig",
     "ToyWorldAnnotator",
     "ablation",
@@ -47,6 +48,7 @@ __all__ = [
     "load_items",
     "read_mask",
     "run_thesis",
+    "split_items",
     "summarize",
     "write_tables",
 ]
@@ -242,6 +244,60 @@ def _prior(record: Record, cls: str, ctx: _Context) -> Tensor:
     if cls not in ctx.priors:
         raise ValueError(f"no training masks of class {cls!r} for the class prior")
     return ctx.priors[cls]
+
+
+@dataclass(frozen=True)
+class Split:
+    """Items split per class into training images (which make the class prior) and held-out test images."""
+
+    train: dict[str, list[Item]]  # class -> its first ``train`` items
+    test: list[Item]  # every item past the first ``pool`` of its class, in the items' order
+    priors: dict[str, Tensor]  # class -> mean of its training masks (all its masks when ``train`` is 0), (H, W)
+
+
+def split_items(items: Sequence[Item], mask_size: Callable[[Item], tuple[int, int]], train: int = 0,
+                pool: int | None = None, root: str | Path = "/") -> Split:
+    """Per class, the first ``train`` items are training images (the class prior is their mean mask) and the
+    first ``pool`` items (default: ``train``) are left out of the test set; the prior is in-sample (all masks)
+    when ``train`` is 0.
+
+    Args:
+        items: items of any classes, each class in its own order.
+        mask_size: ``(H, W)`` an item's mask must have (its record's image size).
+        train: training images per class.
+        pool: images per class left out of the test set (at least ``train``).
+        root: folder the items' mask paths are relative to.
+
+    Raises:
+        ValueError: ``pool`` below ``train`` (training images would be tested), or a class without test images.
+
+    Example:
+        >>> import tempfile
+        >>> folder = Path(tempfile.mkdtemp())
+        >>> for k in range(4):
+        ...     Image.fromarray(np.full((2, 2), 255 * (k % 2), np.uint8)).save(folder / f"{k}.png")
+        >>> items = [Item(f"car_{k}", "car", "a car", k, "r", f"{k}.png", "i") for k in range(4)]
+        >>> split = split_items(items, lambda item: (2, 2), train=2, pool=3, root=folder)
+        >>> [i.id for i in split.test], split.priors["car"].tolist()
+        (['car_3'], [[0.5, 0.5], [0.5, 0.5]])
+    """
+    pool = train if pool is None else pool
+    if pool < train:
+        raise ValueError(f"pool {pool} is smaller than train {train}: training images would be tested")
+    classes = list(dict.fromkeys(i.cls for i in items))
+    by_class = {c: [i for i in items if i.cls == c] for c in classes}
+    held = {i.id for c in classes for i in by_class[c][:pool]}
+    test = [i for i in items if i.id not in held]
+    empty = [c for c in classes if not any(i.cls == c for i in test)]
+    if empty:
+        raise ValueError(f"classes with no test images: {', '.join(empty)} (fewer training or held-out images, "
+                         "or more images)")
+    chosen = {c: by_class[c][:train] for c in classes}
+    priors = {}
+    for c in classes:
+        sources = chosen[c] or by_class[c]
+        priors[c] = torch.stack([read_mask(Path(root) / i.mask, mask_size(i)).float() for i in sources]).mean(0)
+    return Split(train=chosen, test=test, priors=priors)
 
 
 def center_box(prior: Tensor) -> Tensor:

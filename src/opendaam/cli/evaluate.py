@@ -78,6 +78,8 @@ def validate(args) -> None:
     in_range("--tau-step", args.tau_step, 0, 1, low_open=True)
     in_range("--train", args.train, 0, integer=True)
     in_range("--pool", args.pool, 0, integer=True)
+    if args.pool is not None and args.pool < args.train:
+        raise ValueError(f"--pool {args.pool} is smaller than --train {args.train}: training images would be tested")
     check_output_dir(args.out)
     if args.model:
         check_model(args.model)
@@ -92,11 +94,10 @@ def validate(args) -> None:
 def run(args) -> int:
     """Evaluate and write tables, summary and figures."""
     validate(args)
-    import torch
 
     from opendaam.cache import load_record
     from opendaam.cli.optimize import find_pairs
-    from opendaam.experiments import Item, ablation, evaluate, read_mask, summarize, write_tables
+    from opendaam.experiments import Item, ablation, evaluate, split_items, summarize, write_tables
     from opendaam.metrics import default_thresholds
     from opendaam.models import load_pipeline, set_threads
     from opendaam.optimize import load_token
@@ -113,17 +114,7 @@ def run(args) -> int:
         records[rid] = record
         items.append(Item(id=rid, cls=cls, prompt=record.meta.get("prompt") or "", seed=record.meta.get("seed", 0),
                           record=str(rpath.resolve()), mask=str(mpath.resolve()), image=""))
-    classes = sorted({i.cls for i in items})
-    by_class = {c: [i for i in items if i.cls == c] for c in classes}
-    pool = args.train if args.pool is None else args.pool
-    if pool < args.train:
-        raise ValueError(f"--pool {pool} is smaller than --train {args.train}: training images would be tested")
-    train = {c: by_class[c][: args.train] for c in classes}
-    held = {i.id for c in classes for i in by_class[c][:pool]}
-    test = [i for i in items if i.id not in held]
-    empty = [c for c in classes if not any(i.cls == c for i in test)]
-    if empty:
-        raise ValueError(f"classes with no test images: {', '.join(empty)} (lower --train or --pool, or add images)")
+    split = split_items(items, lambda item: records[item.id].image_size, args.train, args.pool)
     pipe = load_pipeline(_model(args, records)) if args.model or _NEEDS_MODEL & set(args.methods) else None
     tokens, sources = {}, {}
     for path in _token_files(args.tokens or []):
@@ -133,19 +124,16 @@ def run(args) -> int:
             raise ValueError(f"two {key[0]} tokens for {key[1]!r}: {sources[key]} and {path}; pass one file per "
                              "method and class (e.g. --tokens DIR/*_2.safetensors for the 2-image tokens)")
         tokens[key], sources[key] = token, path
-    prior_items = {c: (train[c] or by_class[c]) for c in classes}
-    priors = {c: torch.stack([read_mask(Path(i.mask), records[i.id].image_size).float() for i in v]).mean(0)
-              for c, v in prior_items.items()}
     taus = default_thresholds(args.tau_step)
-    ev = evaluate(test, "/", args.methods, pipe=pipe, tokens=tokens, priors=priors, thresholds=taus,
+    ev = evaluate(split.test, "/", args.methods, pipe=pipe, tokens=tokens, priors=split.priors, thresholds=taus,
                   records=records)
     summary = {"thresholds": taus.tolist(), "methods": summarize(ev), "prior_in_sample": args.train == 0,
-               "test_ids": [i.id for i in test]}
+               "test_ids": [i.id for i in split.test]}
     out = Path(args.out)
     write_tables(summary, out)
     plot_curves(summary, out / "curves.png")
     if args.per_layer or args.per_step:
-        result = ablation(test, "/", taus, records=records)
+        result = ablation(split.test, "/", taus, records=records)
         (out / "ablation.json").write_text(json.dumps(result, indent=1))
         with open(out / "ablation.csv", "w") as f:
             f.write("block," + ",".join(str(s) for s in result["steps"]) + "\n")
