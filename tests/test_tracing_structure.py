@@ -4,6 +4,7 @@ generations, adapters for unsupported pipelines, and records checked when loaded
 import pickle
 import warnings
 
+import numpy as np
 import pytest
 import torch
 from conftest import generate
@@ -166,3 +167,18 @@ def test_edited_metadata_is_refused(tmp_path, saved_record):
     with pytest.raises(ValueError, match=r"daam\[.*\] is \(\d+, \d+, 77\), its layer's geometry says"):
         load_record(path)
     assert load_record(saved_record).meta["prompt"] == "a red car"
+
+
+def test_plot_on_a_matplotlib_axis(tiny_pipe):
+    matplotlib = pytest.importorskip("matplotlib", reason="matplotlib (the eval extra) is not installed")
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    with trace(tiny_pipe) as tracer:
+        image = generate(tiny_pipe, prompt="a red car")[0]
+    maps = heatmaps(tracer.records[0], ["car", "red"])
+    fig, ax = plt.subplots()
+    assert maps.plot("red", image=image, ax=ax) is ax and ax.get_title() == "red (daam)"
+    shown = ax.get_images()[-1].get_array()
+    assert shown.shape == (32, 32) and np.allclose(np.asarray(shown), maps.normalized()[1].numpy())
+    plt.close(fig)

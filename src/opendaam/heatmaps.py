@@ -114,6 +114,33 @@ class Heatmaps:
         colour = Image.fromarray(colorize(heat)).resize(base.size, Image.BILINEAR)
         return Image.blend(base, colour, alpha)
 
+    def plot(self, label: str | int = 0, image=None, ax=None, alpha: float = 0.5, colorbar: bool = True):
+        """Draw one label's map (normalized, at image size) on a matplotlib axis, over ``image`` if given, as
+        DAAM's ``plot_overlay`` does; returns the axis. Needs ``pip install 'opendaam[eval]'``.
+
+        Example:
+            >>> maps = Heatmaps(torch.rand(1, 4, 4), ["car"], image_size=(8, 8))
+            >>> maps.plot("car").get_title()  # doctest: +SKIP
+            'car (daam)'
+        """
+        try:
+            import matplotlib.pyplot as plt
+        except ImportError as error:
+            raise ImportError("plotting needs matplotlib: pip install 'opendaam[eval]'") from error
+        if ax is None:
+            _, ax = plt.subplots()
+        index = self._index(label)
+        heat = self.normalized()[index].detach().float().cpu().numpy()  # (H, W) in [0, 1]
+        if image is not None:
+            ax.imshow(np.asarray(image.convert("RGB") if isinstance(image, Image.Image) else image))
+        shown = ax.imshow(heat, cmap="jet", alpha=alpha if image is not None else 1.0, vmin=0.0, vmax=1.0,
+                          extent=(-0.5, self.image_size[1] - 0.5, self.image_size[0] - 0.5, -0.5))
+        if colorbar:
+            ax.figure.colorbar(shown, ax=ax, fraction=0.046, pad=0.04)
+        ax.set_title(f"{self.labels[index]} ({self.method})")
+        ax.set_axis_off()
+        return ax
+
 
 def colorize(values: np.ndarray) -> np.ndarray:
     """A ``(H, W)`` array in [0, 1] as ``(H, W, 3)`` uint8 jet colours.
