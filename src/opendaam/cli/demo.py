@@ -43,6 +43,7 @@ def run(args) -> int:
     set_threads(args.threads)
     started = time.perf_counter()
     pipe = load_pipeline(args.model)
+    pipe.set_progress_bar_config(disable=getattr(args, "verbosity", 0) < 1)  # -v shows the denoising bars
     call = generation_defaults(pipe)
     if args.steps:
         call["num_inference_steps"] = args.steps
