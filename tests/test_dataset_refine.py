@@ -53,6 +53,10 @@ def test_refined_adaptive_dataset(root):
     exported = sorted((root / "out" / "cityscapes").rglob("*_gtFine_labelIds.png"))
     assert exported and Image.open(exported[0]).mode == "P"
     assert Image.open(exported[0]).getpalette()[26 * 3 : 26 * 3 + 3] == [0, 0, 142]  # label id 26 is car
+    ids = np.array(Image.open(exported[0]))
+    colour = np.array(Image.open(str(exported[0]).replace("_labelIds", "_color")))  # (H, W, 4) RGBA
+    assert colour.shape == (*ids.shape, 4) and (colour[..., 3] == 255).all()
+    assert (colour[ids == 26][:, :3] == [0, 0, 142]).all() and (ids == 26).any()
     pipe = load_pipeline(root / "tiny")
     pipe.set_progress_bar_config(disable=True)
     with trace(pipe, self_attention=("up_blocks.1",)) as tracer:

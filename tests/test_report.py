@@ -103,3 +103,20 @@ def test_report_of_dataset_folder(tiny_pipe, tmp_path):
     labels = np.array(Image.open(tmp_path / "labels" / "000000.png"))
     if (labels == 1).any():  # car pixels are drawn in Cityscapes' car colour
         assert (np.asarray(figure) == (0, 0, 142)).all(axis=-1).any()
+
+
+def test_report_command(tmp_path, capsys):
+    """`opendaam report DIR` writes the page for a folder, and refuses a missing folder in one line."""
+    from PIL import Image
+
+    from opendaam.cli import main
+
+    folder = tmp_path / "pictures"
+    folder.mkdir()
+    Image.new("RGB", (8, 8), (255, 0, 0)).save(folder / "red.png")
+    assert main(["report", str(folder)]) == 0
+    page = (folder / "index.html").read_text()
+    assert "data:image/png;base64," in page and "http" not in page.split("<body", 1)[1].lower().replace(
+        "http-equiv", "")
+    assert main(["report", str(tmp_path / "missing")]) == 2
+    assert "is not a folder" in capsys.readouterr().err

@@ -28,7 +28,7 @@ __all__ = ["EXIT_FAILED", "EXIT_INTERRUPTED", "EXIT_OK", "EXIT_USAGE", "main", "
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
 
-SUBCOMMANDS = ["demo", "generate", "optimize", "nearest", "evaluate", "experiment", "dataset", "toyworld"]
+SUBCOMMANDS = ["demo", "generate", "optimize", "nearest", "evaluate", "experiment", "dataset", "toyworld", "report"]
 """Subcommand modules of :mod:`opendaam.cli`, in the order ``--help`` lists them."""
 
 _CLI_TERMS = (

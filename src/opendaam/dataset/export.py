@@ -81,7 +81,8 @@ def export_cityscapes(out: Path, entries: Sequence[dict], classes: Sequence[dict
     """Write ``cityscapes/leftImg8bit/<split>/<city>/`` and ``cityscapes/gtFine/<split>/<city>/``.
 
     File names follow Cityscapes: ``<city>_<index:06d>_000019_leftImg8bit.png``,
-    ``..._gtFine_labelIds.png`` (official label ids) and ``..._gtFine_labelTrainIds.png`` (19 train ids,
+    ``..._gtFine_labelIds.png`` (official label ids), ``..._gtFine_color.png`` (their colours, RGBA, as the
+    benchmark ships them) and ``..._gtFine_labelTrainIds.png`` (19 train ids,
     255 ignore). Item files are read from ``out``; the export is written under ``dest`` (default ``out``).
     Returns the written paths.
 
@@ -104,6 +105,8 @@ def export_cityscapes(out: Path, entries: Sequence[dict], classes: Sequence[dict
         written.append(atomic_write(inside(gt, f"{stem}_gtFine_labelIds.png"), png_bytes(label_ids, _LABEL_COLOURS)))
         written.append(atomic_write(inside(gt, f"{stem}_gtFine_labelTrainIds.png"), png_bytes(train_ids,
                                                                                              _TRAIN_COLOURS)))
+        colour = np.concatenate([_LABEL_COLOURS[label_ids], np.full((*label_ids.shape, 1), 255, np.uint8)], -1)
+        written.append(atomic_write(inside(gt, f"{stem}_gtFine_color.png"), png_bytes(colour)))  # (H, W, 4) RGBA
     return written
 
 

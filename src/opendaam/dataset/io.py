@@ -155,7 +155,8 @@ def read_manifest(path: str | Path) -> list[dict]:
 
 
 def png_bytes(array: np.ndarray, palette: np.ndarray | None = None) -> bytes:
-    """PNG bytes of a ``uint8`` ``(H, W)`` or ``(H, W, 3)`` array (the same array always gives the same bytes).
+    """PNG bytes of a ``uint8`` ``(H, W)``, ``(H, W, 3)`` or ``(H, W, 4)`` array (the same array always gives the
+    same bytes).
 
     With a ``(256, 3)`` ``palette`` a label map is written as a palette image: its values stay the ids (reading
     it gives them back) and viewers show the palette's colours instead of near-black greys.
