@@ -33,7 +33,7 @@ def temp_beside(path: str | Path, suffix: str = ".tmp") -> str:
     ``tempfile.mkstemp`` creates files readable by their owner only; renamed into place, they would make
     datasets and records unreadable by other users of a shared machine.
 
-    Example:
+    Examples:
         >>> import tempfile
         >>> tmp = temp_beside(Path(tempfile.mkdtemp()) / "a.txt")
         >>> Path(tmp).name.startswith(".a.txt."), Path(tmp).stat().st_mode & 0o777 == _file_mode()
@@ -57,7 +57,7 @@ def atomic_write_with(path: str | Path, write: Callable[[Path], None], suffix: s
     default ``.tmp`` plus ``path``'s own suffix
     (for writers that choose the format by extension).
 
-    Example:
+    Examples:
         >>> import tempfile
         >>> target = Path(tempfile.mkdtemp()) / "a.txt"
         >>> atomic_write_with(target, lambda p: p.write_text("done")).read_text()
@@ -87,7 +87,7 @@ def lock_holder(path: str | Path) -> dict | None:
     """What a lock file says about its holder (``pid``, ``host``, ``since``, ``what``), or None when it is
     missing or unreadable.
 
-    Example:
+    Examples:
         >>> import tempfile
         >>> lock_holder(Path(tempfile.mkdtemp()) / ".lock") is None
         True
@@ -159,7 +159,7 @@ def folder_lock(path: str | Path, what: str = "opendaam") -> Iterator[Path]:
     Raises:
         LockError: another live process holds the lock; the message names it and the lock file.
 
-    Example:
+    Examples:
         >>> import tempfile
         >>> lock = Path(tempfile.mkdtemp()) / ".opendaam.lock"
         >>> with folder_lock(lock, "example"):
@@ -192,7 +192,7 @@ def folder_lock(path: str | Path, what: str = "opendaam") -> Iterator[Path]:
 def lock_is_held(path: str | Path) -> bool:
     """Whether a live process (this one included) holds the lock file ``path``.
 
-    Example:
+    Examples:
         >>> import tempfile
         >>> lock = Path(tempfile.mkdtemp()) / ".lock"
         >>> with folder_lock(lock):

@@ -224,7 +224,7 @@ def _jac_grads(lib, packed: list[Packed], jacs: list[Tensor], gs: list[Tensor], 
 def amx() -> bool:
     """Whether the kernel runs its products on AMX tiles here (CPU with AMX-INT8, granted by the OS).
 
-    Example:
+    Examples:
         >>> isinstance(amx(), bool)
         True
     """
@@ -235,7 +235,7 @@ def amx() -> bool:
 def available() -> bool:
     """Whether the native kernels compiled, loaded and passed their self-check on this machine.
 
-    Example:
+    Examples:
         >>> isinstance(available(), bool)
         True
     """
@@ -245,7 +245,7 @@ def available() -> bool:
 def pad16(t: Tensor) -> Tensor:
     """``t`` zero-padded in its last dimension to a multiple of 16 (the kernels' and int8 matmuls' unit).
 
-    Example:
+    Examples:
         >>> tuple(pad16(torch.ones(2, 40)).shape)
         (2, 48)
     """
@@ -286,7 +286,7 @@ def pack(codes: Tensor, scales: Tensor, steps: int, n: int) -> Packed:
         steps: U-Net calls in the rows.
         n: pixels of the layer.
 
-    Example:
+    Examples:
         >>> p = pack(torch.ones(2, 3 * 20, 40, dtype=torch.int8), torch.ones(2, 60).half(), steps=3, n=20)
         >>> tuple(p.codes.shape), tuple(p.scales.shape)
         ((2, 2, 3, 16, 48), (2, 2, 3, 16))
@@ -326,7 +326,7 @@ def int8_map(packed: Packed, v: Tensor, jac: Tensor | None = None, amx: bool = T
         units of ``packed.jac_unit`` (columns past the head size are zero): the gradient of a loss with
         ``g = d loss / d map`` is :func:`jac_grads` (``g @ jac`` times the unit).
 
-    Example:
+    Examples:
         >>> p = pack(torch.ones(1, 2 * 16, 16, dtype=torch.int8), torch.full((1, 32), 0.5), steps=2, n=16)
         >>> if available():
         ...     m, jac = int8_map(p, torch.zeros(1, 16))
@@ -343,7 +343,7 @@ def int8_maps(packed: list[Packed], vs: list[Tensor], jacs: list[Tensor] | None 
     """:func:`int8_map` of several layers in one dispatch of the kernel threads (each thread takes its share
     of every layer, so they meet once, not once per layer).
 
-    Example:
+    Examples:
         >>> p = pack(torch.ones(1, 16, 16, dtype=torch.int8), torch.ones(1, 16), steps=1, n=16)
         >>> if available():
         ...     (m1, m2), _ = int8_maps([p, p], [torch.zeros(1, 16), torch.zeros(1, 16)])
@@ -371,7 +371,7 @@ def jac_grads(packed: list[Packed], jacs: list[Tensor], gs: list[Tensor]) -> lis
     """Gradients ``(heads, d16)`` in the layers' vectors of a loss with ``gs[l] = d loss / d map_l``, from the
     Jacobians :func:`int8_maps` returned, in one dispatch of the kernel threads.
 
-    Example:
+    Examples:
         >>> p = pack(torch.ones(1, 16, 16, dtype=torch.int8), torch.ones(1, 16), steps=1, n=16)
         >>> if available():
         ...     _, (jac,) = int8_maps([p], [torch.zeros(1, 16)])

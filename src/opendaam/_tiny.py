@@ -109,7 +109,7 @@ def tiny_t5_tokenizer(model_max_length: int = 512):
     Args:
         model_max_length: the tokenizer's default truncation length.
 
-    Example:
+    Examples:
         >>> tok = tiny_t5_tokenizer()
         >>> tok.convert_ids_to_tokens(tok("a red car").input_ids)
         ['▁a', '▁red', '▁car', '</s>']
@@ -273,7 +273,7 @@ def build_tiny_pipeline(family: str, seed: int = 0, *, dtype: torch.dtype = torc
         multiples of 4 (the VAE halves them; SDXL's U-Net, SD3's and PixArt's patches and Flux's packing halve
         them again). PixArt needs ``use_resolution_binning=False``.
 
-    Example:
+    Examples:
         >>> pipe = build_tiny_pipeline("sd3.5")
         >>> type(pipe).__name__, pipe.transformer.config.dual_attention_layers
         ('StableDiffusion3Pipeline', (0,))

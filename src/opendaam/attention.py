@@ -40,7 +40,7 @@ the largest term of a sum stays above 2^-62, far from underflow."""
 def key_linear(attn) -> bool:
     """Whether the layer's keys are a linear function of the text (no ``norm_cross``, no ``norm_k``).
 
-    Example:
+    Examples:
         >>> from diffusers.models.attention_processor import Attention
         >>> key_linear(Attention(8, cross_attention_dim=4, heads=2, dim_head=4))
         True
@@ -67,7 +67,7 @@ def text_keys(attn, states: Tensor, *, exact_module: bool = False) -> Tensor:
             generates (tracing); by default the product is taken in float32 with detached weights (maps and
             optimization of new text).
 
-    Example:
+    Examples:
         >>> from diffusers.models.attention_processor import Attention
         >>> attn = Attention(8, cross_attention_dim=4, heads=2, dim_head=4)
         >>> text_keys(attn, torch.zeros(77, 4)).shape
@@ -96,7 +96,7 @@ def image_queries(attn, hidden: Tensor) -> tuple[Tensor, Tensor]:
         ``(flat, q)``: ``to_q``'s output ``(..., N, inner)`` and the per-head queries ``(..., heads, N,
         head_dim)`` after ``norm_q`` (a view of ``flat`` when the layer has no query norm).
 
-    Example:
+    Examples:
         >>> from diffusers.models.attention_processor import Attention
         >>> attn = Attention(8, cross_attention_dim=4, heads=2, dim_head=4)
         >>> [tuple(t.shape) for t in image_queries(attn, torch.zeros(3, 16, 8))]
@@ -125,7 +125,7 @@ def token_softmax_(scores: Tensor, shift: bool = True) -> Tensor:
     Tokens before pixels, so max, exp2 and sum run along contiguous pixels. ``shift=False`` skips the max
     subtraction, safe only when :func:`scores_bounded` says so.
 
-    Example:
+    Examples:
         >>> s = torch.tensor([[0.0], [1.0]])
         >>> token_softmax_(s.clone()).flatten().tolist()
         [0.3333333432674408, 0.6666666865348816]
@@ -143,7 +143,7 @@ def softmax_maps(keys: Tensor, q: Tensor, scale: float, bias: Tensor | None = No
     the pixels; a last axis of a few tokens is slow). ``bias`` ``(T,)`` is added to the scores (a padding mask).
     Differentiable in both.
 
-    Example:
+    Examples:
         >>> softmax_maps(torch.zeros(1, 3, 4), torch.zeros(2, 1, 5, 4), 0.5).sum(-2).unique().tolist()
         [1.0]
         >>> softmax_maps(torch.zeros(1, 2, 4), torch.zeros(1, 3, 4), 1.0, torch.tensor([0.0, -1e4]))[0, :, 0].tolist()
@@ -158,7 +158,7 @@ def softmax_maps(keys: Tensor, q: Tensor, scale: float, bias: Tensor | None = No
 def upsample(maps: Tensor, size: tuple[int, int], mode: str = "bicubic") -> Tensor:
     """Resize ``(..., h, w)`` maps to ``size`` with a linear interpolation (no clamping, so it stays linear).
 
-    Example:
+    Examples:
         >>> upsample(torch.ones(2, 4, 4), (8, 8)).shape
         torch.Size([2, 8, 8])
     """

@@ -28,7 +28,7 @@ __all__ = [
 def load_record(path: str | Path) -> Record:
     """Load a record written by :meth:`Record.save <opendaam.tracing.Record.save>`.
 
-    Example:
+    Examples:
         >>> import os, tempfile
         >>> path = Record(meta={"prompt": "a car"}).save(os.path.join(tempfile.mkdtemp(), "r.safetensors"))
         >>> load_record(path).meta["prompt"]
@@ -45,7 +45,7 @@ def select_layers(record: Record, layers: str | Sequence[str] | None = None) -> 
     Raises:
         ValueError: a selector matches no recorded layer; the message lists the valid names.
 
-    Example:
+    Examples:
         >>> from opendaam.tracing import LayerInfo
         >>> r = Record(layers={n: LayerInfo(n, 1, 1, 1.0, 1, 1) for n in ["down.a", "up.b"]})
         >>> select_layers(r, "up")
@@ -63,7 +63,7 @@ def select_steps(record: Record, steps: int | Sequence[int] | None) -> list[int]
     Raises:
         ValueError: a step was not recorded; the message lists the recorded ones.
 
-    Example:
+    Examples:
         >>> select_steps(Record(meta={"steps": [0, 2, 4]}), [2, 4])
         [1, 2]
     """
@@ -81,7 +81,7 @@ def select_steps(record: Record, steps: int | Sequence[int] | None) -> list[int]
 def select_heads(info: LayerInfo, heads: int | Sequence[int] | None) -> list[int] | None:
     """Head indices to keep in a layer, checked against its head count; None keeps all.
 
-    Example:
+    Examples:
         >>> select_heads(LayerInfo("x", 4, 8, 0.35, 2, 2), [0, 3])
         [0, 3]
     """
@@ -136,7 +136,7 @@ def query_cache_bytes(unet_config, height: int, width: int, calls: int, bytes_pe
     Each cross-attention layer at level ``i`` (latent halved ``i`` times) stores ``calls x N_i x C_i``
     values, ``C_i`` being the block's channels.
 
-    Example:
+    Examples:
         >>> from opendaam.models import ARCHITECTURES
         >>> cfg = ARCHITECTURES["sd2-base"].unet
         >>> round(query_cache_bytes(cfg, 512, 512, calls=31) / 1e9, 3)

@@ -185,7 +185,7 @@ def load_items(root: str | Path) -> list[Item]:
 def read_mask(path: Path, size: tuple[int, int]) -> Tensor:
     """A boolean ``(H, W)`` mask from a PNG, checked against the record's image size and binarity.
 
-    Example:
+    Examples:
         >>> import tempfile, os
         >>> path = os.path.join(tempfile.mkdtemp(), "m.png")
         >>> Image.fromarray(np.array([[0, 255]], dtype=np.uint8)).save(path)
@@ -271,7 +271,7 @@ def split_items(items: Sequence[Item], mask_size: Callable[[Item], tuple[int, in
     Raises:
         ValueError: ``pool`` below ``train`` (training images would be tested), or a class without test images.
 
-    Example:
+    Examples:
         >>> import tempfile
         >>> folder = Path(tempfile.mkdtemp())
         >>> for k in range(4):
@@ -303,7 +303,7 @@ def split_items(items: Sequence[Item], mask_size: Callable[[Item], tuple[int, in
 def center_box(prior: Tensor) -> Tensor:
     """A centred box with the mean area of a class prior ``(H, W)`` (the "centred box" baseline).
 
-    Example:
+    Examples:
         >>> center_box(torch.full((4, 4), 0.25)).int().tolist()
         [[0, 0, 0, 0], [0, 1, 1, 0], [0, 1, 1, 0], [0, 0, 0, 0]]
     """

@@ -97,7 +97,7 @@ class Heatmaps:
     def masks(self, tau: float = 0.4, kind: str | None = None, size: str = "image") -> Tensor:
         """Binary masks ``normalized >= tau`` (``map >= tau * max`` for DAAM), ``(labels, H, W)`` bool.
 
-        Example:
+        Examples:
             >>> maps = Heatmaps(torch.tensor([[[0.0, 1.0], [2.0, 4.0]]]), ["car"], image_size=(2, 2))
             >>> maps.masks(0.5).int().tolist()
             [[[0, 0], [1, 1]]]
@@ -118,7 +118,7 @@ class Heatmaps:
         """Draw one label's map (normalized, at image size) on a matplotlib axis, over ``image`` if given, as
         DAAM's ``plot_overlay`` does; returns the axis. Needs ``pip install 'opendaam[eval]'``.
 
-        Example:
+        Examples:
             >>> maps = Heatmaps(torch.rand(1, 4, 4), ["car"], image_size=(8, 8))
             >>> maps.plot("car").get_title()  # doctest: +SKIP
             'car (daam)'
@@ -145,7 +145,7 @@ class Heatmaps:
 def colorize(values: np.ndarray) -> np.ndarray:
     """A ``(H, W)`` array in [0, 1] as ``(H, W, 3)`` uint8 jet colours.
 
-    Example:
+    Examples:
         >>> colorize(np.array([[0.0, 1.0]])).tolist()
         [[[0, 0, 127], [127, 0, 0]]]
     """
@@ -189,7 +189,7 @@ def prompt_words(tokens: Sequence[str]) -> list[tuple[str, list[int]]]:
     """The words of a tokenized prompt with the token positions of each (pieces joined): CLIP's byte-level BPE
     (``"</w>"`` ends a word) or T5's SentencePiece (``"\u2581"`` starts one).
 
-    Example:
+    Examples:
         >>> prompt_words(["<|startoftext|>", "a</w>", "sky", "scraper</w>", "<|endoftext|>"])
         [('a', [1]), ('skyscraper', [2, 3])]
         >>> prompt_words(["\u2581a", "\u2581sky", "scraper", "</s>"])
@@ -239,7 +239,7 @@ def find_tokens(tokens: Sequence[str], word: str) -> list[int]:
     Raises:
         KeyError: the word is not in the prompt; the message lists the prompt's words.
 
-    Example:
+    Examples:
         >>> toks = ["<|startoftext|>", "a</w>", "traffic</w>", "light</w>", "<|endoftext|>"]
         >>> find_tokens(toks, "traffic light"), find_tokens(toks, "<eot>")
         ([2, 3], [4])
@@ -278,7 +278,7 @@ def encode_text(pipe, text: str, length: int | None = None) -> tuple[Tensor, lis
     Raises:
         ValueError: the text has more tokens than the encoder reads, or the family cannot encode new text.
 
-    Example:
+    Examples:
         >>> from opendaam.models import build_pipeline
         >>> pipe = build_pipeline("tiny")
         >>> states, tokens = encode_text(pipe, "a car")
@@ -477,7 +477,7 @@ def _word_indices(record: Record, item: _Item) -> list[int]:
 def segment_columns(tokens: list[str], segments: list[dict], word: str) -> list[int]:
     """A word's columns in the first tokenizer's ``tokens`` and in every further segment (offset by its start).
 
-    Example:
+    Examples:
         >>> clip = ["<|startoftext|>", "a</w>", "car</w>", "<|endoftext|>"]
         >>> segment_columns(clip, [{}, {"offset": 77, "tokens": ["\u2581a", "\u2581car", "</s>"]}], "car")
         [2, 78]
@@ -756,7 +756,7 @@ def get_method(name: str) -> Method:
     Raises:
         ValueError: an unknown name; the message lists the valid ones.
 
-    Example:
+    Examples:
         >>> get_method("linear").normalization
         'minmax'
     """
@@ -801,7 +801,7 @@ def heatmaps(
     Returns:
         :class:`Heatmaps` whose ``.soft`` is ``(labels, H, W)`` at image size.
 
-    Example:
+    Examples:
         >>> from opendaam.models import build_pipeline
         >>> from opendaam.tracing import trace
         >>> pipe = build_pipeline("tiny")

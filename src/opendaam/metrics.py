@@ -34,7 +34,7 @@ def confusion(pred: Tensor, target: Tensor) -> Tensor:
     Raises:
         ValueError: shapes differ; the message gives both.
 
-    Example:
+    Examples:
         >>> p = torch.tensor([[True, True], [False, False]])
         >>> t = torch.tensor([[True, False], [True, False]])
         >>> confusion(p, t).tolist()
@@ -53,7 +53,7 @@ def confusion(pred: Tensor, target: Tensor) -> Tensor:
 def iou_score(stats: Tensor, empty: float = float("nan")) -> Tensor:
     """IoU ``tp / (tp + fp + fn)`` of confusion counts ``(..., 4)``; ``empty`` where the union is empty.
 
-    Example:
+    Examples:
         >>> iou_score(torch.tensor([[1, 1, 1, 1], [0, 0, 0, 4]])).tolist()
         [0.3333333432674408, nan]
     """
@@ -68,7 +68,7 @@ def mean_iou(stats: Tensor, reduction: str = "per_image") -> Tensor:
     ``"per_image"``: the mean of per-image IoUs (the thesis' curves); ``"dataset"``: summed intersections
     over summed unions (OVAM's). Images with an empty union are left out of ``"per_image"``.
 
-    Example:
+    Examples:
         >>> s = torch.tensor([[1, 0, 0, 3], [1, 3, 0, 0]])
         >>> mean_iou(s).item(), mean_iou(s, "dataset").item()
         (0.625, 0.4000000059604645)
@@ -89,7 +89,7 @@ def normalize_maps(maps: Tensor, kind: str = "max", *, dims: int = 2, eps: float
         dims: how many trailing dimensions make one map.
         eps: the smallest divisor (a flat map stays finite).
 
-    Example:
+    Examples:
         >>> normalize_maps(torch.tensor([[[1.0, 3.0]]]), "minmax").tolist()
         [[[0.0, 1.0]]]
         >>> normalize_maps(torch.tensor([[1.0, 3.0]]), "minmax", dims=1).tolist()
@@ -114,7 +114,7 @@ def binarize(maps: Tensor, tau: float, kind: str = "max") -> Tensor:
 def default_thresholds(step: float = 0.05) -> Tensor:
     """Thresholds from 0 to 1 inclusive in steps of ``step``.
 
-    Example:
+    Examples:
         >>> default_thresholds(0.25).tolist()
         [0.0, 0.25, 0.5, 0.75, 1.0]
     """
@@ -126,7 +126,7 @@ def threshold_curve(maps: Tensor, targets: Tensor, thresholds: Tensor | Sequence
                     kind: str = "max") -> Tensor:
     """Confusion counts at every threshold: ``(thresholds, images, 4)`` for ``(images, H, W)`` maps and masks.
 
-    Example:
+    Examples:
         >>> maps = torch.tensor([[[0.2, 1.0], [0.6, 0.0]]])
         >>> target = torch.tensor([[[False, True], [True, False]]])
         >>> iou_score(threshold_curve(maps, target, [0.5, 0.8]))[:, 0].tolist()
@@ -142,7 +142,7 @@ def threshold_curve(maps: Tensor, targets: Tensor, thresholds: Tensor | Sequence
 def auc(values: Tensor, thresholds: Tensor) -> Tensor:
     """Area under a curve sampled at ``thresholds`` (trapezoid rule), over the last axis.
 
-    Example:
+    Examples:
         >>> auc(torch.tensor([1.0, 1.0, 1.0]), torch.tensor([0.0, 0.5, 1.0])).item()
         1.0
     """
@@ -152,7 +152,7 @@ def auc(values: Tensor, thresholds: Tensor) -> Tensor:
 def percentile_band(values: Tensor, low: float = 5.0, high: float = 95.0) -> Tensor:
     """Percentiles of per-image values ``(thresholds, images)`` over images: ``(thresholds, 2)``.
 
-    Example:
+    Examples:
         >>> percentile_band(torch.arange(101.0)[None]).tolist()
         [[5.0, 95.0]]
     """
@@ -163,7 +163,7 @@ def percentile_band(values: Tensor, low: float = 5.0, high: float = 95.0) -> Ten
 def curve_summary(curve: Tensor, thresholds: Tensor, reduction: str = "per_image") -> dict[str, float]:
     """Max mIoU, the threshold where it is reached, and the AUC of one class's ``(thresholds, images, 4)`` curve.
 
-    Example:
+    Examples:
         >>> curve = torch.tensor([[[1, 1, 0, 2]], [[1, 0, 0, 3]]])
         >>> curve_summary(curve, torch.tensor([0.0, 1.0]))
         {'max_miou': 1.0, 'best_tau': 1.0, 'auc': 0.75}

@@ -52,7 +52,7 @@ BUNDLED_MODELS = {"toy-urban": ASSETS / "toy-urban"}
 def set_threads(n: int | None) -> None:
     """Set torch's intra-op thread count (two threads beside another job ran ~10x slower than one).
 
-    Example:
+    Examples:
         >>> set_threads(1); torch.get_num_threads()
         1
     """
@@ -66,7 +66,7 @@ def clip_tokenizer(pad_token: str = "<|endoftext|>"):
     Args:
         pad_token: ``"<|endoftext|>"`` as in Stable Diffusion 1.x, ``"!"`` as in 2.x.
 
-    Example:
+    Examples:
         >>> tok = clip_tokenizer()
         >>> tok("a photo of a cat").input_ids
         [49406, 320, 1125, 539, 320, 2368, 49407]
@@ -97,7 +97,7 @@ SCHEDULERS = {
 def make_scheduler(name: str, config):
     """A diffusers scheduler of the short ``name`` built from another scheduler's ``config``.
 
-    Example:
+    Examples:
         >>> from diffusers import PNDMScheduler
         >>> type(make_scheduler("ddim", PNDMScheduler().config)).__name__
         'DDIMScheduler'
@@ -189,7 +189,7 @@ def build_pipeline(
         img2img: build ``StableDiffusionImg2ImgPipeline`` instead of the text-to-image one.
         dtype: weights' dtype.
 
-    Example:
+    Examples:
         >>> pipe = build_pipeline("tiny")
         >>> type(pipe).__name__, list(pipe.unet.config.block_out_channels)
         ('StableDiffusionPipeline', [4, 8])
@@ -246,7 +246,7 @@ def load_pipeline(
         device: where to move the pipeline.
         **kwargs: passed on to ``from_pretrained``.
 
-    Example:
+    Examples:
         >>> import tempfile
         >>> folder = tempfile.mkdtemp()
         >>> build_pipeline("tiny").save_pretrained(folder)
@@ -303,7 +303,7 @@ def check_denoiser(model_index: dict, source: str = "the pipeline") -> str:
     Raises:
         ValueError: the denoiser is of no supported family; the message names them.
 
-    Example:
+    Examples:
         >>> check_denoiser({"transformer": ["diffusers", "FluxTransformer2DModel"]})
         'joint attention with single-stream blocks (Flux)'
     """
@@ -323,7 +323,7 @@ def cross_attention_layers(unet: nn.Module) -> dict[str, nn.Module]:
     Raises:
         ValueError: the model has no cross-attention layer to read.
 
-    Example:
+    Examples:
         >>> unet = build_pipeline("tiny").unet
         >>> list(cross_attention_layers(unet))[0]
         'down_blocks.0.attentions.0.transformer_blocks.0.attn2.processor'
@@ -352,7 +352,7 @@ def generation_defaults(pipe, **overrides) -> dict:
     ``overrides`` that are not None (``num_inference_steps=``, ``guidance_scale=``, ``height=``, ``width=``)
     replace them.
 
-    Example:
+    Examples:
         >>> generation_defaults(build_pipeline("tiny"))
         {'num_inference_steps': 50, 'guidance_scale': 7.5, 'height': 16, 'width': 16}
         >>> generation_defaults(build_pipeline("tiny"), num_inference_steps=2, height=None)["num_inference_steps"]

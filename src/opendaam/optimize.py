@@ -142,7 +142,7 @@ def load_token(path: str | Path, pipe=None, record: Record | None = None) -> Opt
     Raises:
         ValueError: the token was made for another model (text width or model id differ); says which.
 
-    Example:
+    Examples:
         >>> import os, tempfile
         >>> tok = OptimizedToken(torch.zeros(1, 4), "car", {"text_dim": 4, "model": "m"})
         >>> load_token(tok.save(os.path.join(tempfile.mkdtemp(), "car.safetensors"))).label
@@ -528,7 +528,7 @@ def optimize_token(
     Returns:
         The :class:`OptimizedToken` with the lowest loss seen (best-loss checkpoint).
 
-    Example:
+    Examples:
         >>> from opendaam.tracing import Record, upsample
         >>> m = torch.zeros(4, 2); m[:2, 0] = 1.0; m[2:, 1] = 1.0   # pixels 0-1 follow x[0], 2-3 follow x[1]
         >>> r = Record(meta={"latent_size": [2, 2], "image_size": [2, 2], "text_dim": 2}, linear_map=m)

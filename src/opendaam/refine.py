@@ -55,7 +55,7 @@ def refine(record: Record, maps: Heatmaps, power: int = 1, layers: str | Sequenc
         power: how many propagation steps (Dataset Diffusion uses a power of the affinity).
         layers: which recorded self-attention layers to average (one grid size); all by default.
 
-    Example:
+    Examples:
         >>> from opendaam.models import build_pipeline
         >>> from opendaam.tracing import trace
         >>> from opendaam.heatmaps import heatmaps

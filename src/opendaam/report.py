@@ -189,7 +189,7 @@ def write_html(folder: str | Path, out: str | Path | None = None, title: str | N
     Returns:
         The path written.
 
-    Example:
+    Examples:
         >>> import tempfile
         >>> folder = Path(tempfile.mkdtemp())
         >>> Image.new("RGB", (8, 8)).save(folder / "curves.png")

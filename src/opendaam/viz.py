@@ -55,7 +55,7 @@ _MUTED = (90, 90, 90)
 def to_pil(image) -> Image.Image:
     """A PIL RGB image from a PIL image or an ``(H, W, 3)`` array in [0, 1] or uint8.
 
-    Example:
+    Examples:
         >>> to_pil(np.zeros((4, 6, 3))).size
         (6, 4)
     """
@@ -70,7 +70,7 @@ def to_pil(image) -> Image.Image:
 def colormap(values: np.ndarray) -> np.ndarray:
     """Values in [0, 1] (clipped) as ``(..., 3)`` uint8 colours of the inferno colormap.
 
-    Example:
+    Examples:
         >>> colormap(np.array([0.0, 1.0])).tolist()
         [[0, 0, 4], [252, 255, 164]]
     """
@@ -100,7 +100,7 @@ class Scale:
     def apply(self, values: np.ndarray) -> np.ndarray:
         """Raw values mapped to [0, 1] (clipped).
 
-        Example:
+        Examples:
             >>> Scale(0.0, 4.0).apply(np.array([1.0, 8.0])).tolist()
             [0.25, 1.0]
         """
@@ -110,7 +110,7 @@ class Scale:
     def describe(self) -> str:
         """The normalization in words, as written on figures.
 
-        Example:
+        Examples:
             >>> Scale(0.0, 0.5).describe()
             'colour scale shared by the row: 0 to 0.5 (its maximum)'
             >>> Scale(-1570.0, 5950.0, "minmax", "map").describe()
@@ -124,7 +124,7 @@ class Scale:
 def _number(value: float) -> str:
     """A short, exact-enough number for figure text: 3 significant digits, no exponent from 0.001 to 1e6.
 
-    Example:
+    Examples:
         >>> [_number(v) for v in (0.0, 0.01234, 174.2, 5951.0, -1570.4, 2.5e-5, 3e7)]
         ['0', '0.0123', '174', '5951', '-1570', '2.5e-05', '3e+07']
     """
@@ -144,7 +144,7 @@ def shared_scale(maps: Heatmaps | Sequence[Heatmaps], kind: str | None = None, s
     The default kind follows :meth:`Heatmaps.normalized`: ``"minmax"`` for linear maps (they can be negative),
     ``"max"`` otherwise. Computed on the image-size maps that masks are cut from.
 
-    Example:
+    Examples:
         >>> import torch
         >>> maps = Heatmaps(torch.tensor([[[0.0, 2.0]], [[0.5, 0.5]]]), ["car", "sky"], image_size=(1, 2))
         >>> shared_scale(maps)
@@ -253,7 +253,7 @@ def overlay_grid(image, rows: Sequence[tuple[str, Heatmaps]], cell: int = 256, a
         alpha: weight of the map's colours over the dimmed greyscale image.
         scales: one colour scale per row (default: :func:`shared_scale` of the row).
 
-    Example:
+    Examples:
         >>> import torch
         >>> maps = Heatmaps(torch.rand(2, 4, 4), ["car", "tree"], image_size=(8, 8))
         >>> overlay_grid(np.zeros((8, 8, 3)), [("daam", maps)], cell=32).size[1] > 32
@@ -306,7 +306,7 @@ def word_overlay(image, maps: Heatmaps, label: str | int = 0, size: int = 256, a
         alpha: weight of the map's colours.
         scale: colour scale (default: the map's own, normalized as :meth:`Heatmaps.normalized`).
 
-    Example:
+    Examples:
         >>> import torch
         >>> maps = Heatmaps(torch.rand(1, 4, 4), ["car"], image_size=(64, 64))
         >>> word_overlay(np.zeros((64, 64, 3)), maps, "car").size[1] > 256
@@ -362,7 +362,7 @@ def colorize_labels(label_ids, ids: str = "label", classes: Sequence[str | dict]
         ids: ``"label"`` or ``"train"``, see :func:`label_palette`.
         classes: class names of values 1..K, see :func:`label_palette`.
 
-    Example:
+    Examples:
         >>> image = colorize_labels(np.array([[26, 7]], dtype=np.uint8))
         >>> image.mode, image.convert("RGB").getpixel((0, 0)), np.array(image).tolist()
         ('P', (0, 0, 142), [[26, 7]])
@@ -378,7 +378,7 @@ def colorize_labels(label_ids, ids: str = "label", classes: Sequence[str | dict]
 def color_label_image(label_ids, ids: str = "label", classes: Sequence[str | dict] | None = None) -> Image.Image:
     """A label map as an RGBA colour image, like Cityscapes' ``*_gtFine_color.png``.
 
-    Example:
+    Examples:
         >>> color_label_image(np.array([[24]], dtype=np.uint8)).getpixel((0, 0))
         (220, 20, 60, 255)
     """
@@ -398,7 +398,7 @@ def label_figure(image, label_ids, ids: str = "label", classes: Sequence[str | d
         classes: the classes of values 1..K, see :func:`label_palette`.
         size: longer side of each panel in pixels.
 
-    Example:
+    Examples:
         >>> figure = label_figure(np.zeros((8, 8, 3)), np.full((8, 8), 26, dtype=np.uint8), size=64)
         >>> figure.getpixel((64 + 12, 20))
         (0, 0, 142)
@@ -449,7 +449,7 @@ def _pyplot():
 def curves_figure(summary: dict, methods: Sequence[str] | None = None):
     """The matplotlib figure of :func:`plot_curves` (for notebooks, or to add to it before saving).
 
-    Example:
+    Examples:
         >>> summary = {"thresholds": [0.0, 1.0], "methods": {"daam": {"car": {
         ...     "curve": [10.0, 50.0], "band": [[5.0, 15.0], [40.0, 60.0]], "images": 3}}}}
         >>> fig = curves_figure(summary)

@@ -68,7 +68,7 @@ def set_verbosity(level: int) -> None:
 
     Environment variables are set as well as the loggers, so that libraries imported later follow them.
 
-    Example:
+    Examples:
         >>> set_verbosity(0); os.environ["HF_HUB_DISABLE_PROGRESS_BARS"]
         '1'
     """
@@ -118,7 +118,7 @@ def _exit_code(error: BaseException) -> int:
 def main(argv: list[str] | None = None) -> int:
     """Run the ``opendaam`` command line; returns the exit code (see the module docstring).
 
-    Example:
+    Examples:
         >>> main(["--version"])  # doctest: +SKIP
     """
     from opendaam import __version__

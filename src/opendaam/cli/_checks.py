@@ -51,7 +51,7 @@ class MissingExtra(RuntimeError):
 def missing_extras(*modules: str) -> list[str]:
     """The modules of ``modules`` that are not installed.
 
-    Example:
+    Examples:
         >>> missing_extras("json", "no_such_module_here")
         ['no_such_module_here']
     """
@@ -61,7 +61,7 @@ def missing_extras(*modules: str) -> list[str]:
 def require(*modules: str, command: str) -> None:
     """Raise :class:`MissingExtra` naming the extras to install when any of ``modules`` is missing.
 
-    Example:
+    Examples:
         >>> require("json", command="opendaam evaluate")
     """
     missing = missing_extras(*modules)
@@ -75,7 +75,7 @@ def require(*modules: str, command: str) -> None:
 def in_range(option: str, value, low=None, high=None, *, integer: bool = False, low_open: bool = False) -> None:
     """Raise ValueError unless ``low <= value <= high`` (``low < value`` with ``low_open``) and finite.
 
-    Example:
+    Examples:
         >>> in_range("--steps", 0, 1, integer=True)
         Traceback (most recent call last):
         ...
@@ -101,7 +101,7 @@ def in_range(option: str, value, low=None, high=None, *, integer: bool = False, 
 def check_output_dir(path: str | Path, option: str = "--out") -> Path:
     """An output folder that can be made: not an existing file, inside a folder this user may write.
 
-    Example:
+    Examples:
         >>> import tempfile
         >>> check_output_dir(Path(tempfile.mkdtemp()) / "new").name
         'new'
@@ -122,7 +122,7 @@ def check_output_dir(path: str | Path, option: str = "--out") -> Path:
 def check_output_file(path: str | Path, option: str = "--out") -> Path:
     """An output file that can be written: not a folder, in a folder this user may write (or may make).
 
-    Example:
+    Examples:
         >>> import tempfile
         >>> check_output_file(Path(tempfile.mkdtemp()) / "t.safetensors").name
         't.safetensors'
@@ -168,7 +168,7 @@ def check_model(name: str, base_dir: str | Path | None = None, option: str = "--
     Raises:
         FileNotFoundError: no such folder or bundled model, or the folder lacks a component (named).
 
-    Example:
+    Examples:
         >>> check_model("toy-urban").vae_factor, check_model("toy-urban").size_multiple
         (4, 8)
     """
@@ -232,7 +232,7 @@ def check_model(name: str, base_dir: str | Path | None = None, option: str = "--
 def check_size(info: ModelInfo | None, height: int | None, width: int | None, where: str = "--") -> None:
     """Positive sizes that are multiples of 8 (diffusers' Stable Diffusion pipelines) and of the VAE factor.
 
-    Example:
+    Examples:
         >>> check_size(ModelInfo(Path("."), 8, 8, 64, 77), 60, None)
         Traceback (most recent call last):
         ...
@@ -265,7 +265,7 @@ def check_prompt(info: ModelInfo | None, prompts: list[str], words: list[str] | 
     Raises:
         ValueError: a prompt is empty or too long, or a word is not in the prompt (its words listed).
 
-    Example:
+    Examples:
         >>> check_prompt(check_model("toy-urban"), ["a car in an urban environment"], ["car"])
     """
     for prompt in prompts:
@@ -299,7 +299,7 @@ def check_record_file(path: str | Path) -> dict:
     Raises:
         ValueError: ``not an opendaam record: <path> (<why>)`` for truncated, foreign or corrupt files.
 
-    Example:
+    Examples:
         >>> import tempfile
         >>> bad = Path(tempfile.mkdtemp()) / "x.safetensors"; _ = bad.write_bytes(b"not safetensors")
         >>> check_record_file(bad)  # doctest: +ELLIPSIS
@@ -317,7 +317,7 @@ def check_token_file(path: str | Path) -> dict:
         FileNotFoundError: no such file.
         ValueError: ``not an opendaam token file: <path> (<why>)``.
 
-    Example:
+    Examples:
         >>> import tempfile
         >>> bad = Path(tempfile.mkdtemp()) / "t.safetensors"; _ = bad.write_text("hello")
         >>> check_token_file(bad)  # doctest: +ELLIPSIS

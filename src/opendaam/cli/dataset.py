@@ -96,7 +96,7 @@ def needed_extras(spec_path: str | Path, formats=()) -> list[str]:
     """The optional modules generating a spec needs: pyyaml for YAML specs, pycocotools for the COCO export,
     datasets for the Hugging Face export, accelerate when started by ``accelerate launch``.
 
-    Example:
+    Examples:
         >>> needed_extras("spec.toml", ["coco", "huggingface"])
         ['pycocotools', 'datasets']
     """

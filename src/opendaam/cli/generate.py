@@ -57,7 +57,7 @@ def add_parser(sub) -> None:
 def safe_name(word: str) -> str:
     """A file-name-safe form of a word.
 
-    Example:
+    Examples:
         >>> safe_name("traffic light"), safe_name("<eot>")
         ('traffic_light', 'eot')
     """

@@ -41,7 +41,7 @@ def add_parser(sub) -> None:
 def record_id(path: Path, root: Path) -> str:
     """A record's id: its file stem, or its folder's path when the file is ``record.safetensors``.
 
-    Example:
+    Examples:
         >>> record_id(Path("/d/car0/record.safetensors"), Path("/d")), record_id(Path("/d/x.safetensors"), Path("/d"))
         ('car0', 'x')
     """
@@ -102,7 +102,7 @@ def _words(text: str) -> list[str]:
 def record_class(meta: dict, label: str) -> str | None:
     """A record's class: its metadata's ``class``, else ``label`` when its prompt names it, else None.
 
-    Example:
+    Examples:
         >>> record_class({"class": "car"}, "person"), record_class({"prompt": "a person walking"}, "person")
         ('car', 'person')
     """

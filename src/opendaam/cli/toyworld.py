@@ -13,7 +13,7 @@ __all__ = ["add_parser", "run_render", "run_train", "run_train_annotator"]
 def add_parser(sub) -> None:
     """Register ``toyworld render`` and ``toyworld train``.
 
-    Example:
+    Examples:
         >>> import argparse
         >>> root = argparse.ArgumentParser()
         >>> add_parser(root.add_subparsers(dest="command"))
@@ -62,7 +62,7 @@ def _usage_error(action: str, message: str) -> SystemExit:
 def run_render(args) -> int:
     """Write ``<seed>.png``, ``<seed>_labels.png`` (Cityscapes ids), ``<seed>_color.png`` and captions.
 
-    Example:
+    Examples:
         >>> import argparse, tempfile
         >>> run_render(argparse.Namespace(seed=[1, 2], cls=None, out=tempfile.mkdtemp()))  # doctest: +ELLIPSIS
         wrote 2 scenes to ...
@@ -94,7 +94,7 @@ def run_render(args) -> int:
 def run_train(args) -> int:
     """Train or resume (``opendaam toyworld train --out DIR [--minutes M] [--threads 1]``).
 
-    Example:
+    Examples:
         >>> import argparse
         >>> run_train(argparse.Namespace(out="run", threads=1, unet_steps=None, vae_steps=None,
         ...                              scenes=None, minutes=30))  # doctest: +SKIP
@@ -126,7 +126,7 @@ def run_train(args) -> int:
 def run_train_annotator(args) -> int:
     """Train the segmentation annotator and print its per-class IoU on held-out rendered scenes.
 
-    Example:
+    Examples:
         >>> import argparse
         >>> run_train_annotator(argparse.Namespace(out="ann", pipeline="toy-urban", steps=600,
         ...                                        threads=1))  # doctest: +SKIP

@@ -76,7 +76,7 @@ _BY_NAME = {label.name: label for label in CITYSCAPES_LABELS}
 def cityscapes_id(name: str) -> int | None:
     """The Cityscapes label id of a class name, or None when Cityscapes has no such class.
 
-    Example:
+    Examples:
         >>> cityscapes_id("traffic light"), cityscapes_id("Car"), cityscapes_id("tree")
         (19, 26, None)
     """
@@ -87,7 +87,7 @@ def cityscapes_id(name: str) -> int | None:
 def train_id_lut() -> np.ndarray:
     """A 256-entry lookup table from label id to train id (255 for void ids and for values >= 34).
 
-    Example:
+    Examples:
         >>> lut = train_id_lut()
         >>> lut[[7, 26, 24, 25, 19, 0, 255]].tolist()
         [0, 13, 11, 12, 6, 255, 255]
@@ -120,7 +120,7 @@ def label_palette(ids: str = "label", classes: Sequence[str | dict] | None = Non
             ``labels/*.png``: names, or the class table's dicts (``name``, optional ``cityscapes_id``); a
             class Cityscapes lacks gets a grey of its own.
 
-    Example:
+    Examples:
         >>> label_palette()[26].tolist(), label_palette("train")[13].tolist()
         ([0, 0, 142], [0, 0, 142])
         >>> label_palette(classes=["car", "tree"])[1:3].tolist()

@@ -28,7 +28,7 @@ def safe_city(name: str) -> str:
     """A Cityscapes "city" name from a dataset name (letters, digits, dashes; no underscores, which
     Cityscapes uses as separators).
 
-    Example:
+    Examples:
         >>> safe_city("Thesis urban_v1")
         'thesis-urban-v1'
     """
@@ -40,7 +40,7 @@ def class_to_label_ids(classes: Sequence[dict], background_id: int = 0) -> np.nd
 
     Classes without a Cityscapes id and ignored pixels become 0 ("unlabeled"), which trainers ignore.
 
-    Example:
+    Examples:
         >>> lut = class_to_label_ids([{"id": 1, "cityscapes_id": 26}, {"id": 2, "cityscapes_id": None}])
         >>> lut[[0, 1, 2, 255]].tolist()
         [0, 26, 0, 0]
@@ -64,7 +64,7 @@ def cityscapes_arrays(labels: np.ndarray, classes: Sequence[dict],
 
     Ignored pixels (255) are "unlabeled" (id 0) and train id 255, whatever the background is.
 
-    Example:
+    Examples:
         >>> classes = [{"id": 1, "cityscapes_id": 26}, {"id": 2, "cityscapes_id": 24}]
         >>> ids, train = cityscapes_arrays(np.array([[0, 1, 2, 255]], np.uint8), classes, background_id=7)
         >>> ids.tolist(), train.tolist()
@@ -116,7 +116,7 @@ def coco_annotations(labels: np.ndarray, classes: Sequence[dict], image_id: int,
     Segmentations are RLE (pycocotools), with ``counts`` as a string; ignored and background pixels
     belong to no annotation.
 
-    Example:
+    Examples:
         >>> anns = coco_annotations(np.array([[1, 0, 1], [1, 0, 0]], np.uint8), [{"id": 1, "name": "car"}], 7)
         >>> [(a["id"], a["image_id"], a["category_id"], a["area"], a["bbox"]) for a in anns]
         [(1, 7, 1, 2, [0.0, 0.0, 1.0, 2.0]), (2, 7, 1, 1, [2.0, 0.0, 1.0, 1.0])]

@@ -63,7 +63,7 @@ def _hidden_own(name: str) -> bool:
 def listed_exports(out: Path) -> set[str]:
     """Relative paths of the export files ``exports.json`` lists (empty when there is none).
 
-    Example:
+    Examples:
         >>> listed_exports(Path("no-such-folder"))
         set()
     """
@@ -78,7 +78,7 @@ def listed_exports(out: Path) -> set[str]:
 def foreign_files(out: str | Path) -> list[str]:
     """Files inside the folders opendaam manages that opendaam did not write (relative paths, sorted).
 
-    Example:
+    Examples:
         >>> import tempfile
         >>> out = Path(tempfile.mkdtemp())
         >>> (out / "images").mkdir(); _ = (out / "images" / "000000.png").write_bytes(b"")
@@ -121,7 +121,7 @@ def refuse_foreign_files(out: str | Path) -> None:
     Raises:
         DatasetError: files opendaam did not write are inside the folders it manages.
 
-    Example:
+    Examples:
         >>> import tempfile
         >>> refuse_foreign_files(tempfile.mkdtemp())
     """
@@ -157,7 +157,7 @@ def dataset_lock(out: str | Path, rank: int = 0, world: int = 1, what: str = "op
     Raises:
         opendaam._io.LockError: another live process writes the folder; the message names it.
 
-    Example:
+    Examples:
         >>> import tempfile
         >>> out = Path(tempfile.mkdtemp())
         >>> with dataset_lock(out):

@@ -71,7 +71,7 @@ class Shard:
     def take(self, items: list[Item]) -> list[Item]:
         """This shard's items: every ``world``-th item starting at ``rank``.
 
-        Example:
+        Examples:
             >>> [it.index for it in Shard(1, 3).take([Item(i, "p", "p", 0, ()) for i in range(7)])]
             [1, 4]
         """
@@ -91,7 +91,7 @@ def current_shard(rank: int | None = None, world: int | None = None) -> Shard:
     Raises:
         DatasetError: a bad rank or world size, or accelerate started one process where several were asked.
 
-    Example:
+    Examples:
         >>> current_shard(2, 4)
         Shard(rank=2, world=4, state=None)
     """
@@ -125,7 +125,7 @@ def current_shard(rank: int | None = None, world: int | None = None) -> Shard:
 def shard_manifest(out: Path, shard: Shard) -> Path:
     """Path of a shard's manifest.
 
-    Example:
+    Examples:
         >>> shard_manifest(Path("d"), Shard(1, 2)).as_posix()
         'd/shards/manifest-00001-of-00002.jsonl'
     """
@@ -135,7 +135,7 @@ def shard_manifest(out: Path, shard: Shard) -> Path:
 def class_table(spec: DatasetSpec) -> list[dict]:
     """Label id, name and Cityscapes id of every class (label id = position in the spec + 1).
 
-    Example:
+    Examples:
         >>> from opendaam.dataset.spec import parse_spec
         >>> spec = parse_spec({"classes": [{"name": "car", "prompts": ["a {}"]},
         ...                                {"name": "tree", "prompts": ["a {}"]}]})
@@ -351,7 +351,7 @@ def generate(
             write inside its folders, or cannot be written.
         opendaam._io.LockError: another process writes the folder (or this shard of it).
 
-    Example:
+    Examples:
         >>> import tempfile
         >>> from opendaam.dataset.spec import parse_spec
         >>> from opendaam.models import build_pipeline

@@ -64,7 +64,7 @@ def inside(root: str | Path, path: str | Path) -> Path:
     Raises:
         DatasetError: the path leads outside ``root`` (``..``, an absolute path elsewhere, a symlink out).
 
-    Example:
+    Examples:
         >>> inside("/data/set", "images/000001.png").as_posix()
         '/data/set/images/000001.png'
         >>> inside("/data/set", "../x.png")  # doctest: +ELLIPSIS
@@ -85,7 +85,7 @@ def atomic_write(path: str | Path, data: bytes | str) -> Path:
     Raises:
         WriteError: the folder cannot be written (the temporary file is removed, ``path`` is untouched).
 
-    Example:
+    Examples:
         >>> import os, tempfile
         >>> path = atomic_write(os.path.join(tempfile.mkdtemp(), "a", "x.txt"), "hello")
         >>> path.read_text(), sorted(os.listdir(path.parent))
@@ -102,7 +102,7 @@ def atomic_write(path: str | Path, data: bytes | str) -> Path:
 def append_line(path: str | Path, record: dict) -> None:
     """Append one JSON object as one line, in a single ``write`` on an append-mode descriptor.
 
-    Example:
+    Examples:
         >>> import os, tempfile
         >>> path = os.path.join(tempfile.mkdtemp(), "m.jsonl")
         >>> append_line(path, {"index": 0}); append_line(path, {"index": 1})
@@ -130,7 +130,7 @@ def read_manifest(path: str | Path) -> list[dict]:
     Raises:
         DatasetError: a line other than the last is not valid JSON (the file was edited or corrupted).
 
-    Example:
+    Examples:
         >>> import os, tempfile
         >>> path = os.path.join(tempfile.mkdtemp(), "m.jsonl")
         >>> _ = open(path, "w").write('{"index": 0}\\n{"ind')
@@ -161,7 +161,7 @@ def png_bytes(array: np.ndarray, palette: np.ndarray | None = None) -> bytes:
     With a ``(256, 3)`` ``palette`` a label map is written as a palette image: its values stay the ids (reading
     it gives them back) and viewers show the palette's colours instead of near-black greys.
 
-    Example:
+    Examples:
         >>> data = png_bytes(np.array([[0, 255]], dtype=np.uint8))
         >>> np.asarray(Image.open(io.BytesIO(data))).tolist()
         [[0, 255]]
@@ -187,7 +187,7 @@ _EPOCH = (1980, 1, 1, 0, 0, 0)  # fixed zip timestamps: the same arrays give the
 def npz_bytes(arrays: dict[str, np.ndarray]) -> bytes:
     """A compressed ``.npz`` (readable by ``np.load``, no pickle) with fixed timestamps, so it is reproducible.
 
-    Example:
+    Examples:
         >>> data = npz_bytes({"car": np.ones((2, 2), np.float16)})
         >>> data == npz_bytes({"car": np.ones((2, 2), np.float16)}), read_npz(data)["car"].dtype
         (True, dtype('float16'))
@@ -205,7 +205,7 @@ def npz_bytes(arrays: dict[str, np.ndarray]) -> bytes:
 def read_npz(source: str | Path | bytes) -> dict[str, np.ndarray]:
     """The arrays of an ``.npz`` file or bytes, loaded without pickle.
 
-    Example:
+    Examples:
         >>> read_npz(npz_bytes({"a": np.arange(3)}))["a"].tolist()
         [0, 1, 2]
     """
@@ -219,7 +219,7 @@ def remove_temp_files(folder: str | Path) -> int:
 
     Only call this when no writer is running on the folder.
 
-    Example:
+    Examples:
         >>> import os, tempfile
         >>> root = tempfile.mkdtemp(); _ = open(os.path.join(root, ".x.png.abc.tmp"), "w")
         >>> remove_temp_files(root), os.listdir(root)
@@ -240,7 +240,7 @@ TIMING_KEY = "timing"
 def item_files(key: str) -> dict[str, str]:
     """Relative paths of an item's files.
 
-    Example:
+    Examples:
         >>> item_files("000003")["label"]
         'labels/000003.png'
     """
@@ -251,7 +251,7 @@ def finished_items(out: Path, digest: str) -> dict[int, dict]:
     """Manifest entries (by index) of items finished for the spec with hash ``digest``, across all shard
     manifests, whose files all exist.
 
-    Example:
+    Examples:
         >>> finished_items(Path("no-such-folder"), "abc")
         {}
     """

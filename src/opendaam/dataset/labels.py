@@ -27,7 +27,7 @@ def label_map(scores: np.ndarray, ids: Sequence[int], low: float, high: float) -
     Returns:
         ``(H, W)`` uint8 label map. Ties go to the earlier map.
 
-    Example:
+    Examples:
         >>> s = np.array([[[0.9, 0.4, 0.1]], [[0.2, 0.1, 0.0]]])
         >>> label_map(s, [1, 2], low=0.3, high=0.5).tolist()
         [[1, 255, 0]]
@@ -47,7 +47,7 @@ def otsu_threshold(values: np.ndarray, bins: int = 64) -> float:
     variance of a histogram). Written here in a few numpy lines rather than taken from scikit-image, which would be
     a large dependency for this one function.
 
-    Example:
+    Examples:
         >>> v = np.concatenate([np.full(50, 0.1), np.full(30, 0.8)])
         >>> 0.1 < otsu_threshold(v) <= 0.8
         True
@@ -82,7 +82,7 @@ def adaptive_label_map(scores: np.ndarray, ids: Sequence[int], margin: float = 0
         margin: the uncertain band around each threshold, as a share of the way to 1 above and to 0 below.
         min_gap: smallest lead of the best map over the second for a confident label.
 
-    Example:
+    Examples:
         >>> s = np.array([[[0.9, 0.85, 0.0, 0.0]], [[0.0, 0.8, 0.9, 0.0]]])  # two class maps, four pixels
         >>> adaptive_label_map(s, [1, 2]).tolist()  # the second pixel is claimed by both: ignored
         [[1, 255, 2, 0]]
@@ -107,7 +107,7 @@ def adaptive_label_map(scores: np.ndarray, ids: Sequence[int], margin: float = 0
 def mask_stats(labels: np.ndarray, scores: np.ndarray, ids: Sequence[int], names: Sequence[str]) -> list[dict]:
     """Per class: pixel count, area fraction and confidence (mean normalized score over its pixels).
 
-    Example:
+    Examples:
         >>> labels = np.array([[1, 1, 0, 255]], dtype=np.uint8)
         >>> s = np.array([[[0.8, 0.6, 0.1, 0.4]]])
         >>> mask_stats(labels, s, [1], ["car"])
@@ -136,7 +136,7 @@ def connected_components(mask: np.ndarray, connectivity: int = 8) -> tuple[np.nd
     Returns:
         ``(H, W)`` int32 component ids (0 outside the mask, 1..n in raster order of first pixel) and n.
 
-    Example:
+    Examples:
         >>> m = np.array([[1, 0, 1], [0, 1, 0], [0, 0, 0]], dtype=bool)
         >>> connected_components(m, 8)[1], connected_components(m, 4)[1]
         (1, 3)

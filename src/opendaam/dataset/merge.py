@@ -48,7 +48,7 @@ def filter_items(entries: Sequence[dict], rules: FilterSpec) -> dict[int, list[s
     """Reasons to drop items (by index): a class' mask area outside that class' percentile band over the
     dataset's items that prompt it, or a mask confidence below ``min_confidence``.
 
-    Example:
+    Examples:
         >>> entries = [{"index": i, "masks": [{"class": "car", "area": a, "confidence": 0.9}]}
         ...            for i, a in enumerate([0.0, 0.1, 0.2, 0.3, 0.9])]
         >>> for index, why in filter_items(entries, FilterSpec(area_percentiles=(10, 90))).items():

@@ -138,7 +138,7 @@ class OutputSpec:
 class DatasetSpec:
     """A whole dataset: model, sampling, classes, prompts, seeds, labelling and outputs.
 
-    Example:
+    Examples:
         >>> spec = parse_spec({"model": "toy-urban", "seeds": [0, 1],
         ...                    "classes": [{"name": "car", "prompts": ["a {} in the city"]}]})
         >>> [(it.prompt, it.seed) for it in expand_items(spec)]
@@ -207,7 +207,7 @@ class Item:
     def key(self) -> str:
         """File stem of the item, e.g. ``'000042'``.
 
-        Example:
+        Examples:
             >>> Item(42, "a car", "a {car}", 0, ("car",)).key
             '000042'
         """
@@ -344,7 +344,7 @@ def render_template(template: str, classes: dict[str, str], own: str | None = No
     Raises:
         SpecError: a placeholder names no class, or a brace is unbalanced.
 
-    Example:
+    Examples:
         >>> render_template("a {car} and a {traffic light}", {"car": "car", "traffic light": "traffic light"})
         ('a car and a traffic light', ['car', 'traffic light'])
     """
@@ -483,7 +483,7 @@ def _check_seeds(spec: DatasetSpec, templates: int) -> None:
 def item_count(spec: DatasetSpec) -> int:
     """How many items :func:`expand_items` gives, without listing them.
 
-    Example:
+    Examples:
         >>> item_count(parse_spec({"classes": [{"name": "car", "prompts": ["a {}", "two {}"]}], "seeds": [1, 2]}))
         4
     """
@@ -493,7 +493,7 @@ def item_count(spec: DatasetSpec) -> int:
 def rendered_prompts(spec: DatasetSpec) -> list[str]:
     """Every prompt of the spec once, in item order (the classes' templates, then the top-level ones).
 
-    Example:
+    Examples:
         >>> rendered_prompts(parse_spec({"classes": [{"name": "car", "prompts": ["a {}"]}], "seeds": [1, 2]}))
         ['a car']
     """
@@ -507,7 +507,7 @@ def check_files(spec: DatasetSpec) -> None:
     Raises:
         SpecError: a token file is missing or is not an opendaam token file (naming the class and file).
 
-    Example:
+    Examples:
         >>> check_files(parse_spec({"classes": [{"name": "car", "prompts": ["a {}"]}]}))
     """
     for i, cls in enumerate(spec.classes):
@@ -540,7 +540,7 @@ def parse_spec(data: dict, base_dir: str | Path = ".") -> DatasetSpec:
     Raises:
         SpecError: unknown key, wrong type, a class without prompt, bad thresholds, ...
 
-    Example:
+    Examples:
         >>> parse_spec({"classes": [{"name": "car", "prompts": ["a {}"]}], "steps": "ten"})
         Traceback (most recent call last):
         ...
@@ -562,7 +562,7 @@ def load_spec(path: str | Path) -> DatasetSpec:
         FileNotFoundError: no such file.
         SpecError: the file does not parse or does not validate.
 
-    Example:
+    Examples:
         >>> import os, tempfile
         >>> path = os.path.join(tempfile.mkdtemp(), "spec.yaml")
         >>> _ = open(path, "w").write("classes:\\n  - name: car\\n    prompts: ['a {} on a street']\\n")
@@ -603,7 +603,7 @@ def load_spec(path: str | Path) -> DatasetSpec:
 def spec_to_dict(spec: DatasetSpec) -> dict[str, Any]:
     """The spec as plain JSON-able data (tuples as lists, ``base_dir`` left out).
 
-    Example:
+    Examples:
         >>> spec_to_dict(parse_spec({"classes": [{"name": "car", "prompts": ["a {}"]}]}))["model"]["id"]
         'toy-urban'
     """
@@ -625,7 +625,7 @@ def spec_hash(spec: DatasetSpec) -> str:
     """SHA-256 of what decides the generated items: the spec without filters and exports, plus the
     content of token files (a changed token file is a different dataset).
 
-    Example:
+    Examples:
         >>> a = parse_spec({"classes": [{"name": "car", "prompts": ["a {}"]}]})
         >>> b = parse_spec({"classes": [{"name": "car", "prompts": ["a {}"]}], "outputs": {"formats": ["coco"]}})
         >>> spec_hash(a) == spec_hash(b), len(spec_hash(a))
@@ -648,7 +648,7 @@ def expand_items(spec: DatasetSpec) -> list[Item]:
     """Every (prompt, seed) of the dataset, in a fixed order: the classes' own templates in class order,
     then the top-level templates, each with every seed.
 
-    Example:
+    Examples:
         >>> spec = parse_spec({"classes": [{"name": "car"}, {"name": "person"}], "seeds": [3],
         ...                    "prompts": ["a {person} next to a {car}"]})
         >>> [(it.index, it.prompt, it.classes) for it in expand_items(spec)]

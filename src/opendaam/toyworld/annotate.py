@@ -59,7 +59,7 @@ HELD_OUT_ANNOTATOR = 20_000_000
 class SegNet(nn.Module):
     """A small encoder-decoder segmentation net for 64 x 64 toy-urban images (~0.2 M parameters).
 
-    Example:
+    Examples:
         >>> net = SegNet()
         >>> tuple(net(torch.zeros(1, 3, 64, 64)).shape)
         (1, 15, 64, 64)
@@ -115,7 +115,7 @@ def _to_tensor(images) -> torch.Tensor:
 def annotate(images, net: SegNet | None = None) -> np.ndarray:
     """Cityscapes label maps (N, H, W) ``uint8`` predicted for images (PIL, uint8 arrays or [-1, 1] tensor).
 
-    Example:
+    Examples:
         >>> labels = annotate([render_scene(0).image], SegNet())
         >>> labels.shape, labels.dtype
         ((1, 64, 64), dtype('uint8'))
@@ -159,7 +159,7 @@ def train_annotator(out: str | Path, vae=None, steps: int = 600, scenes: int = 4
             rare classes (pole, bicycle) are predicted at all.
         log: called with one-line progress strings.
 
-    Example:
+    Examples:
         >>> import tempfile
         >>> net = train_annotator(tempfile.mkdtemp(), steps=1, scenes=8, batch=2, log=lambda s: None)
         >>> isinstance(net, SegNet)
@@ -214,7 +214,7 @@ def train_annotator(out: str | Path, vae=None, steps: int = 600, scenes: int = 4
 def load_annotator(path: str | Path | None = None) -> SegNet:
     """The trained segmentation net (the bundled one by default).
 
-    Example:
+    Examples:
         >>> load_annotator("/nonexistent")  # doctest: +IGNORE_EXCEPTION_DETAIL
         Traceback (most recent call last):
         FileNotFoundError: ...
@@ -234,7 +234,7 @@ def load_annotator(path: str | Path | None = None) -> SegNet:
 def evaluate_annotator(net: SegNet, seeds, vae=None) -> dict[str, float]:
     """Per-class IoU of the net on rendered scenes (through ``vae`` if given), plus ``"mIoU"``.
 
-    Example:
+    Examples:
         >>> sorted(evaluate_annotator(SegNet(), range(HELD_OUT_ANNOTATOR, HELD_OUT_ANNOTATOR + 2)))[:2]
         ['bicycle', 'building']
     """
@@ -269,7 +269,7 @@ def img2img_scene(pipe, seed: int, cls: str | None = None, strength: float = 0.5
     Returns:
         ``(image, labels, scene)``: the generated PIL image, the exact Cityscapes label map (H, W), the scene.
 
-    Example:
+    Examples:
         >>> from opendaam.models import load_pipeline
         >>> pipe = load_pipeline("toy-urban", img2img=True)  # doctest: +SKIP
         >>> image, labels, scene = img2img_scene(pipe, 10**6, cls="car")  # doctest: +SKIP

@@ -20,7 +20,7 @@ __all__ = ["ToyConfig", "build_toy_pipeline", "toy_components"]
 class ToyConfig:
     """Sizes of the toy-urban model.
 
-    Example:
+    Examples:
         >>> ToyConfig().unet_channels
         (32, 64, 128)
     """
@@ -37,7 +37,7 @@ class ToyConfig:
 def toy_components(config: ToyConfig | None = None, seed: int = 0) -> dict:
     """Randomly initialized ``unet``, ``vae``, ``text_encoder``, ``tokenizer`` and ``scheduler``.
 
-    Example:
+    Examples:
         >>> parts = toy_components()
         >>> parts["unet"].config.sample_size, len(parts["text_encoder"].encoder.layers)
         (16, 0)
@@ -77,7 +77,7 @@ def toy_components(config: ToyConfig | None = None, seed: int = 0) -> dict:
 def build_toy_pipeline(parts: dict):
     """A ``StableDiffusionPipeline`` from toy components (no safety checker: these are drawings).
 
-    Example:
+    Examples:
         >>> pipe = build_toy_pipeline(toy_components())
         >>> type(pipe).__name__, pipe.vae_scale_factor
         ('StableDiffusionPipeline', 4)

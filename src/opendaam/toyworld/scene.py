@@ -88,7 +88,7 @@ _SKIN = ((240, 200, 170), (220, 170, 130), (180, 125, 90), (120, 80, 55), (90, 6
 class WorldConfig:
     """How scenes are drawn and captioned; the defaults are the recipe the bundled toy-urban model saw.
 
-    Example:
+    Examples:
         >>> WorldConfig().size, WorldConfig().classes[0]
         (64, 'car')
     """
@@ -170,7 +170,7 @@ class Scene:
     def mask(self, name: str) -> np.ndarray:
         """Boolean mask of one label name (e.g. ``"car"``, ``"pole"``).
 
-        Example:
+        Examples:
             >>> render_scene(0).mask("sky").dtype
             dtype('bool')
         """
@@ -179,7 +179,7 @@ class Scene:
     def pil(self) -> Image.Image:
         """The image as a PIL RGB image.
 
-        Example:
+        Examples:
             >>> render_scene(0).pil().size
             (64, 64)
         """
@@ -189,7 +189,7 @@ class Scene:
 def class_mask(labels: np.ndarray, name: str) -> np.ndarray:
     """Boolean mask of the pixels of ``labels`` whose Cityscapes id is that of ``name``.
 
-    Example:
+    Examples:
         >>> class_mask(np.array([[26, 7]], dtype=np.uint8), "car").tolist()
         [[True, False]]
     """
@@ -201,7 +201,7 @@ def class_mask(labels: np.ndarray, name: str) -> np.ndarray:
 def colorize_labels(labels: np.ndarray) -> np.ndarray:
     """Cityscapes display colours of a label map, as a ``uint8`` (H, W, 3) array.
 
-    Example:
+    Examples:
         >>> colorize_labels(np.array([[26]], dtype=np.uint8)).tolist()
         [[[0, 0, 142]]]
     """
@@ -214,7 +214,7 @@ def colorize_labels(labels: np.ndarray) -> np.ndarray:
 def template_caption(cls: str) -> str:
     """The thesis' caption template for a class.
 
-    Example:
+    Examples:
         >>> template_caption("traffic light")
         'a traffic light in an urban environment'
     """
@@ -226,7 +226,7 @@ def caption_for(seed: int, cls: str, colour: str, config: WorldConfig | None = N
 
     The choice uses its own random stream (``PCG64([seed, 1])``), so it never changes the picture.
 
-    Example:
+    Examples:
         >>> scene = render_scene(3)
         >>> caption_for(3, scene.cls, scene.colour, vehicle=scene.vehicle) == scene.caption
         True
@@ -608,7 +608,7 @@ def render_scene(seed: int, config: WorldConfig | None = None, cls: str | None =
     Returns:
         The :class:`Scene`, with the image, the Cityscapes label map and the training caption.
 
-    Example:
+    Examples:
         >>> a, b = render_scene(7), render_scene(7)
         >>> bool((a.image == b.image).all() and (a.labels == b.labels).all()), a.caption == b.caption
         (True, True)

@@ -31,7 +31,7 @@ HELD_OUT = 10**6
 class TrainConfig:
     """How toy-urban is trained (the defaults made the bundled weights).
 
-    Example:
+    Examples:
         >>> TrainConfig().unet_steps, TrainConfig().batch
         (2400, 32)
     """
@@ -67,7 +67,7 @@ def render_dataset(seeds, forced: list[str] | None = None,
                    world: WorldConfig | None = None) -> tuple[torch.Tensor, list[str], list[str]]:
     """Images in [-1, 1] ``(N, 3, 64, 64)``, captions and classes of the scenes of ``seeds``.
 
-    Example:
+    Examples:
         >>> images, captions, classes = render_dataset([0, 1])
         >>> images.shape, len(captions)
         (torch.Size([2, 3, 64, 64]), 2)
@@ -156,7 +156,7 @@ def caption_gap(unet, text_encoder, tokenizer, vae_latents: torch.Tensor, classe
     Returns:
         ``{"right", "wrong", "empty"}`` mean losses and the relative gaps ``wrong_gap``, ``empty_gap``.
 
-    Example:
+    Examples:
         >>> parts = toy_components()
         >>> z = torch.zeros(2, 4, 16, 16)
         >>> gap = caption_gap(parts["unet"], parts["text_encoder"], parts["tokenizer"], z, ["car", "rider"],
@@ -193,7 +193,7 @@ def train(out: str | Path, config: TrainConfig | None = None, model: ToyConfig |
     Returns:
         The pipeline folder, or ``None`` if the run paused before its last step.
 
-    Example:
+    Examples:
         >>> train("/tmp/toy-urban-run", TrainConfig(unet_steps=10), minutes=5)  # doctest: +SKIP
     """
     cfg = config or TrainConfig()
@@ -329,7 +329,7 @@ def export_pipeline(source: str | Path, dest: str | Path) -> Path:
     The text encoder stays fp32: transformers loads a checkpoint in its stored dtype, and an fp16 text
     encoder would hand fp16 states to the fp32 U-Net that diffusers makes from fp16 weights.
 
-    Example:
+    Examples:
         >>> export_pipeline("/tmp/toy-train/pipeline", "src/opendaam/assets/toy-urban")  # doctest: +SKIP
     """
     import shutil

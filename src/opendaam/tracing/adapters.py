@@ -537,7 +537,7 @@ def flow_order(name: str) -> tuple[int, ...]:
     down blocks, mid block, up blocks (diffusers registers ``mid_block`` last); a transformer's double-stream
     blocks before its single-stream ones; block numbers numerically.
 
-    Example:
+    Examples:
         >>> sorted(["up_blocks.0.a", "mid_block.a", "down_blocks.10.a", "down_blocks.2.a"], key=flow_order)
         ['down_blocks.2.a', 'down_blocks.10.a', 'mid_block.a', 'up_blocks.0.a']
     """
@@ -555,7 +555,7 @@ def layer_presets(names: list[str]) -> dict[str, list[str]]:
       second half of the double-stream blocks (ConceptAttention reads double-stream blocks from a start index to
       the last one).
 
-    Example:
+    Examples:
         >>> names = [f"transformer_blocks.{i}.attn.processor" for i in range(4)]
         >>> names += [f"single_transformer_blocks.{i}.attn.processor" for i in range(2)]
         >>> presets = layer_presets(names)
@@ -584,7 +584,7 @@ def adapter_for(pipe) -> type[Adapter]:
     Raises:
         ValueError: the pipeline belongs to no supported family; the message names them.
 
-    Example:
+    Examples:
         >>> from opendaam.models import build_pipeline
         >>> adapter_for(build_pipeline("tiny")).family
         'U-Net cross-attention (Stable Diffusion 1/2, SDXL)'

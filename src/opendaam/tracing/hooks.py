@@ -29,7 +29,7 @@ def quiet_text_hooks() -> Iterator[None]:
     """Text encoder calls inside this block are not taken for a generation's prompt (opendaam's own encoding of
     new words between generations).
 
-    Example:
+    Examples:
         >>> with quiet_text_hooks():
         ...     _quiet()
         True

@@ -98,7 +98,7 @@ class Record:
     def nbytes(self) -> dict[str, int]:
         """Bytes held per kind of tensor (``daam``, ``queries``, ``linear_map``, ...).
 
-        Example:
+        Examples:
             >>> Record(linear_map=torch.zeros(4, 2)).nbytes()["linear_map"]
             32
         """
@@ -116,7 +116,7 @@ class Record:
         The file is written to a temporary name and renamed, so a crash never leaves a truncated
         record. Load it with :func:`opendaam.load_record`.
 
-        Example:
+        Examples:
             >>> import tempfile, os
             >>> path = Record(meta={"prompt": "a car"}).save(os.path.join(tempfile.mkdtemp(), "r.safetensors"))
             >>> path.name
@@ -186,7 +186,7 @@ class Record:
     def inconsistency(self) -> str | None:
         """What in the record contradicts its metadata (sizes, layer geometry), or None.
 
-        Example:
+        Examples:
             >>> Record(meta={"latent_size": [2, 2]}, linear_map=torch.zeros(5, 3)).inconsistency()
             'linear_map has 5 rows but the latent is 2x2 (4 pixels)'
         """
@@ -256,7 +256,7 @@ def store_queries(q: Tensor, dtype: str) -> tuple[Tensor, Tensor | None]:
     """Queries ``(heads, N, head_dim)`` in the cache's storage dtype, contiguous (heads first, so maps are
     computed without reshuffling); int8 keeps one absmax scale per head and pixel.
 
-    Example:
+    Examples:
         >>> codes, scales = store_queries(torch.tensor([[[0.5, -1.0]]]), "int8")
         >>> codes.tolist(), round(float(scales[0, 0]) * 127, 2)
         ([[[64, -127]]], 1.0)

@@ -431,7 +431,7 @@ class Tracer:
         are read from the pipeline's text encoder calls anyway; naming them matters when the pipeline is given
         ``prompt_embeds``.
 
-        Example:
+        Examples:
             >>> from opendaam.models import build_pipeline
             >>> pipe = build_pipeline("tiny")
             >>> with trace(pipe) as tracer:
@@ -487,7 +487,7 @@ def prompt_segments(pipe, prompt: str) -> list[dict]:
     """Every segment of a prompt's token columns in the denoiser's text input: its ids and tokens from each
     tokenizer of the context, where its columns start (the first checked against the encoder's length limit).
 
-    Example:
+    Examples:
         >>> from opendaam.models import build_pipeline
         >>> [(s["tokenizer"], s["offset"], s["tokens"][1:3]) for s in prompt_segments(build_pipeline("tiny"), "a car")]
         [('tokenizer', 0, ['a</w>', 'car</w>'])]
@@ -586,7 +586,7 @@ def expand_layers(names: list[str], selectors: Sequence[str], listing: str = "va
     Raises:
         ValueError: a selector matches nothing; the message lists the presets and the layer names.
 
-    Example:
+    Examples:
         >>> expand_layers(["down.a", "mid.b", "up.c"], ["late", "down"])
         ['down.a', 'up.c']
     """
@@ -605,7 +605,7 @@ def tokenize_prompt(pipe, prompt: str, tokenizer: str = "tokenizer") -> tuple[li
     """Token ids and strings of ``prompt`` (start and end included) by one of the pipeline's tokenizers; error
     past the encoder's length (77 tokens for CLIP).
 
-    Example:
+    Examples:
         >>> from opendaam.models import build_pipeline
         >>> tokenize_prompt(build_pipeline("tiny"), "a car")[1]
         ['<|startoftext|>', 'a</w>', 'car</w>', '<|endoftext|>']
@@ -644,7 +644,7 @@ def trace(
         The :class:`Tracer`; ``tracer.records`` has one :class:`Record` per generated image. Records of a
         generation that stopped early (an error inside the ``with`` block) carry ``meta["complete"] = False``.
 
-    Example:
+    Examples:
         >>> from opendaam.models import build_pipeline
         >>> pipe = build_pipeline("tiny")
         >>> with trace(pipe) as tracer:
