@@ -30,8 +30,16 @@ from opendaam import _kernels
 from opendaam._io import atomic_write_with
 from opendaam.attention import key_weight, text_keys, upsample
 from opendaam.cache import queries
-from opendaam.heatmaps import _key_modules, _to_latent, encode_ids, encode_text, find_tokens, text_encoders
-from opendaam.metrics import confusion, iou_score, normalize_maps
+from opendaam.heatmaps import (
+    _key_modules,
+    _to_latent,
+    encode_ids,
+    encode_text,
+    find_tokens,
+    get_method,
+    text_encoders,
+)
+from opendaam.metrics import confusion, default_thresholds, iou_score, normalize_maps
 from opendaam.tracing import Record, store_queries
 
 __all__ = [
@@ -46,18 +54,23 @@ __all__ = [
 
 @dataclass(frozen=True)
 class OptimizeConfig:
-    """How :func:`optimize_token` optimizes."""
+    """How :func:`optimize_token` optimizes (defaults: measured on planted solutions, see docs/optimize)."""
 
     method: str = "linear"  # linear maps make an epoch one mat-vec per image; "open_vocab" uses softmax maps
-    loss: str = "bce"  # best test mIoU on toy-urban for both methods; "margin" recovers realizable masks exactly
-    sharpness: float = 100.0  # margin loss: slope of the sigmoid around the threshold (10 stops at IoU ~0.88)
-    lr: float = 0.05  # Adam step; with bce, larger steps overshoot on toy-urban (0.3 lost 4-8 points)
-    epochs: int = 300  # upper bound; early stopping usually ends sooner
-    patience: int = 60  # stop after this many epochs without a better loss
-    min_delta: float = 1e-5  # smaller loss improvements do not reset the patience counter
-    size: str = "latent"  # compare at latent size (masks area-averaged): 64x fewer pixels than "image" in SD
-    tau: float = 0.4  # threshold of the train mIoU reported to the callback
-    seed: int = 0  # seeds the background token's initialization (open_vocab)
+    loss: str = "margin"  # the thresholded metric's own decision; bce left realizable masks at IoU 0.85
+    sharpness: float = 100.0  # margin loss: slope of the sigmoid around the threshold at the first epoch
+    sharpness_end: float = 10000.0  # ... rising geometrically to this: the loss tends to the widest margin
+    lr: float = 0.1  # Adam's first step; the cosine schedule takes it to 0 at the last epoch
+    schedule: str = "cosine"  # "cosine" or "constant" learning rate
+    epochs: int = 2000  # planted masks: 300 epochs reached held-out IoU 0.81, 2000 reached 0.94
+    patience: int = 0  # stop after this many epochs without a better train IoU; 0 runs every epoch
+    min_delta: float = 1e-5  # smaller train IoU improvements do not reset the patience counter
+    size: str = "image"  # compare at the masks' size: area-averaged latent targets cost 0.1 held-out IoU
+    tau: float = 0.5  # the margin loss' starting threshold (normalized map) and the callback's train mIoU
+    learn_tau: bool = True  # learn the threshold for the first half, then fix it on the evaluation grid
+    tau_step: float = 0.05  # that grid (metrics.default_thresholds), where the max-over-thresholds IoU is read
+    start: str = "fit"  # "fit": least-squares fit of the masks (scaled to the init word's norm); "init": the word
+    seed: int = 0  # seeds the background token's initialization (open_vocab, start="init")
     progress: bool = True  # show a progress bar
     queries: str = "auto"  # open_vocab: int8 caches run int8 kernels (half the bytes); "int8" quantizes others
     native: bool = True  # int8 caches: the fused C kernel (compiled at first use) when this machine can build it
@@ -71,6 +84,12 @@ class OptimizeConfig:
             raise ValueError(f"queries must be 'auto', 'bfloat16' or 'int8', not {self.queries!r}")
         if self.loss not in LOSSES:
             raise ValueError(f"unknown loss {self.loss!r}; choose one of: {', '.join(LOSSES)}")
+        if self.schedule not in ("cosine", "constant"):
+            raise ValueError(f"schedule must be 'cosine' or 'constant', not {self.schedule!r}")
+        if self.start not in ("fit", "init"):
+            raise ValueError(f"start must be 'fit' or 'init', not {self.start!r}")
+        if not 0.0 < self.tau < 1.0:
+            raise ValueError(f"tau must be between 0 and 1 (exclusive), not {self.tau}")
 
 
 def _ce_loss(p: Tensor, g: Tensor) -> Tensor:
@@ -233,6 +252,50 @@ def _init_embedding(init, records: Sequence[Record], pipe) -> Tensor:
         raise ValueError(f"the init word {init!r} is in no record's prompt: pass pipe= to encode it")
     states, tokens = encode_text(pipe, init)
     return states[find_tokens(tokens, init)].mean(0).clone()
+
+
+def _schedule(cfg: OptimizeConfig, epoch: int) -> tuple[float, float]:
+    """Learning rate (cosine to 0, or constant) and margin sharpness (geometric ramp) at ``epoch``."""
+    frac = epoch / max(1, cfg.epochs - 1)
+    lr = cfg.lr * 0.5 * (1 + math.cos(math.pi * epoch / cfg.epochs)) if cfg.schedule == "cosine" else cfg.lr
+    return lr, cfg.sharpness * (cfg.sharpness_end / cfg.sharpness) ** frac
+
+
+def _fit_direction(records: Sequence[Record], masks: Sequence) -> Tensor | None:
+    """Unit direction x of least squares ``M_j x ~ mask_j`` (both centered per image, latent size, a ridge of
+    1e-3 of the mean eigenvalue): the closed-form start; ``None`` when a record has no linear map.
+
+    The map's offset per image is free (centering), its scale too (min-max normalized maps do not see it),
+    so only the direction is kept. The linear map is also the open-vocabulary map's first-order term (the
+    sigmoid's slope at 0), so the same direction starts the object-minus-background difference there.
+    """
+    if any(r.linear_map is None for r in records):
+        return None
+    gram, rhs = 0.0, 0.0
+    for i, (m, r) in enumerate(zip(masks, records, strict=True)):
+        a = r.linear_map.float()
+        a = a - a.mean(0)  # (P, D)
+        y = _mask_tensor(m, r, i, "latent")
+        gram = gram + a.T @ a
+        rhs = rhs + a.T @ (y - y.mean())
+    ridge = 1e-3 * gram.diagonal().mean().clamp_min(1e-12)
+    x = torch.linalg.solve(gram + ridge * torch.eye(gram.shape[0]), rhs)
+    norm = x.norm()
+    return x / norm if norm > 0 else None
+
+
+@torch.no_grad()
+def _step_size(objective, resize, x0: Tensor, delta: Tensor, targets: Tensor, kind: str,
+               cfg: OptimizeConfig) -> Tensor:
+    """The multiple of ``delta`` (object minus background) with the lowest starting margin loss: the
+    sigmoids saturate, so the linear fit gives the direction but not the length."""
+    best = None
+    for factor in (0.125, 0.25, 0.5, 1.0, 2.0, 4.0, 8.0):
+        maps = resize(objective(torch.stack([x0, x0 - factor * delta])))[:, 0]  # (N, P)
+        loss = float(_margin_loss(normalize_maps(maps, kind, dims=1, eps=1e-8), targets, cfg.tau, cfg.sharpness))
+        if best is None or loss < best[0]:
+            best = (loss, factor)
+    return best[1] * delta
 
 
 class _Adam:
@@ -546,21 +609,30 @@ def optimize_token(
         return upsample(grid, image_size, mode).flatten(-2)  # (..., H*W)
 
     loss_fn = LOSSES[cfg.loss]
-    if cfg.loss == "margin":
-        loss_fn = partial(_margin_loss, sharpness=cfg.sharpness)
+    margin = cfg.loss == "margin"
+    # the margin loss reads the object map as it is evaluated (the method's own normalization); the other
+    # losses compare min-max normalized object (and, open_vocab, background) maps with the masks
+    kind = get_method(cfg.method).normalization if margin else "minmax"
     x0 = _init_embedding(init, records, pipe)
+    direction = _fit_direction(records, masks) if cfg.start == "fit" else None
     if cfg.method == "linear":
         objective = _LinearObjective(records)
-        rows = [x0]
+        rows = [x0 if direction is None else direction * x0.norm()]
     else:
         objective = _OpenVocabObjective(records, pipe, cfg.queries, cfg.native)
-        gen = torch.Generator().manual_seed(cfg.seed)
-        rows = [x0, torch.randn(x0.shape, generator=gen) * x0.std()]  # object, background
+        if direction is None:
+            gen = torch.Generator().manual_seed(cfg.seed)
+            rows = [x0, torch.randn(x0.shape, generator=gen) * x0.std()]  # object, background
+        else:
+            rows = [x0, x0 - _step_size(objective, resize, x0, direction * x0.norm(), targets, kind, cfg)]
     x = torch.nn.Parameter(torch.stack(rows))  # (tokens, D)
     optimizer = _Adam(x, cfg.lr)
+    tau = torch.tensor([math.log(cfg.tau / (1 - cfg.tau))], requires_grad=margin and cfg.learn_tau)  # logit
+    tau_optimizer = _Adam(tau, cfg.lr)
     binary = targets >= 0.5
+    grid = default_thresholds(cfg.tau_step)[1:-1]  # (T,): 0 and 1 give all and (nearly) no pixels
 
-    best = (math.inf, x.detach().clone(), -1)
+    best = (-1.0, x.detach().clone(), -1, math.inf, cfg.tau)  # train IoU, embedding, epoch, loss, threshold
     history = []
     since_best = 0
     bar = None
@@ -569,45 +641,62 @@ def optimize_token(
 
         bar = tqdm(total=cfg.epochs, desc=f"optimize {label or init if isinstance(init, str) else 'token'}")
     for epoch in range(cfg.epochs):
+        lr, sharpness = _schedule(cfg, epoch)
+        optimizer.lr = tau_optimizer.lr = lr
+        if tau.requires_grad and epoch == cfg.epochs // 2:  # from here on the threshold is a grid value
+            with torch.no_grad():
+                fixed = float(grid[(grid - torch.sigmoid(tau)).abs().argmin()])
+                tau.fill_(math.log(fixed / (1 - fixed)))
+            tau.requires_grad_(False)
         optimizer.zero_grad()
+        tau_optimizer.zero_grad()
         maps = resize(objective(x))
+        threshold = torch.sigmoid(tau)[0]
         if cfg.method == "linear":
-            p = normalize_maps(maps, "minmax", dims=1, eps=1e-8)  # (N, P)
-            loss = loss_fn(p, targets)
-            obj = p
+            obj = normalize_maps(maps, kind, dims=1, eps=1e-8)  # (N, P)
+            loss = _margin_loss(obj, targets, threshold, sharpness) if margin else loss_fn(obj, targets)
+        elif margin:
+            obj = normalize_maps(maps[:, 0], kind, dims=1, eps=1e-8)  # (N, P); background = total - object
+            loss = _margin_loss(obj, targets, threshold, sharpness)
         else:
             p = normalize_maps(maps, "minmax", dims=1, eps=1e-8)  # (N, 2, P)
             g = torch.stack([targets, 1 - targets], dim=1)  # (N, 2, P)
             loss = loss_fn(p.flatten(0, 1), g.flatten(0, 1))
             obj = p[:, 0]
         value = float(loss.detach())
-        if value < best[0] - cfg.min_delta:
-            best = (value, x.detach().clone(), epoch)  # the embedding this loss was computed with
-            since_best = 0
+        pred = obj.detach()
+        now = float(threshold.detach())
+        miou = float(iou_score(confusion((pred >= now)[:, None], binary[:, None]), empty=0.0).mean())
+        above = (pred >= grid[:, None, None])[:, :, None]  # (T, N, 1, P): every threshold, pixels as 1 x P maps
+        stats = confusion(above, binary[:, None].expand_as(above))  # (T, N, 4)
+        top = float(iou_score(stats, empty=0.0).mean(1).max())  # the max-over-thresholds mIoU evaluation reads
+        if top >= best[0]:  # ties go to the later epoch: same masks, wider margin
+            since_best = 0 if top > best[0] + cfg.min_delta else since_best + 1
+            best = (top, x.detach().clone(), epoch, value, now)  # the embedding these maps were computed with
         else:
             since_best += 1
         loss.backward()
         optimizer.step()
-        stats = confusion((obj.detach() >= cfg.tau)[:, None], binary[:, None])  # (N, 4), pixels as a 1 x P map
-        miou = float(iou_score(stats, empty=0.0).mean())
-        entry = {"epoch": epoch, "loss": value, "train_miou": miou}
+        if tau.requires_grad:
+            tau_optimizer.step()
+        entry = {"epoch": epoch, "loss": value, "train_miou": miou, "train_max_miou": top, "tau": now}
         history.append(entry)
         if callback is not None:
             callback(entry)
         if bar is not None:
             bar.update(1)
-            bar.set_postfix(loss=f"{value:.4f}", miou=f"{miou:.3f}")
-        if since_best >= cfg.patience:
+            bar.set_postfix(loss=f"{value:.4f}", miou=f"{top:.3f}")
+        if cfg.patience and since_best >= cfg.patience:
             break
     if bar is not None:
         bar.close()
-    best_loss, best_x, best_epoch = best
+    best_iou, best_x, best_epoch, best_loss, best_tau = best
     text_dim = int(records[0].meta.get("text_dim") or x.shape[1])
     meta = {
         "model": records[0].meta.get("model"), "revision": records[0].meta.get("revision"), "text_dim": text_dim,
         "method": cfg.method, "label": label or (init if isinstance(init, str) else "token"),
         "init": init if isinstance(init, str) else "tensor", "loss_name": cfg.loss, "loss": best_loss,
-        "best_epoch": best_epoch, "epochs_run": len(history), "config": asdict(cfg),
+        "train_max_miou": best_iou, "tau": best_tau, "best_epoch": best_epoch, "epochs_run": len(history), "config": asdict(cfg),
         "train_images": list(image_ids) if image_ids is not None else [r.meta.get("index") for r in records],
     }
     return OptimizedToken(best_x, label=meta["label"], meta=meta, history=history)
