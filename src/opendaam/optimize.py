@@ -6,6 +6,11 @@
 ground-truth masks over N images. The optimized token then maps the object on new images of the same model:
 ``heatmaps(record, token, method="linear")``.
 
+By default the loss is the thresholded metric's own decision: a logistic loss of ``normalized map - tau`` at
+the masks' size, its slope rising from 100 to 10000 (towards the widest margin), the threshold learned for
+half the epochs and then fixed on the evaluation grid, from a least-squares start, with a cosine learning
+rate; masks made by thresholding a known token's map are recovered (planted-solution tests).
+
 Fifth layer of opendaam: imports attention, tracing, cache, heatmaps and the pure functions of metrics (and the
 private kernel loader ``_kernels``, which imports nothing of opendaam) only.
 """
@@ -652,11 +657,13 @@ def optimize_token(
         init: starting point: a word (its embedding in a record's prompt, else encoded alone) or a tensor.
         label: the class name stored with the token (default: the init word).
         config: :class:`OptimizeConfig`; keyword ``options`` override its fields (``lr=``, ``epochs=``...).
-        callback: called after every epoch with ``{"epoch", "loss", "train_miou"}``.
+        callback: called after every epoch with ``{"epoch", "loss", "train_miou", "train_max_miou", "tau"}``
+            (train mIoU at the current threshold, and the best over the threshold grid).
         image_ids: names of the training images, stored in the token's metadata.
 
     Returns:
-        The :class:`OptimizedToken` with the lowest loss seen (best-loss checkpoint).
+        The :class:`OptimizedToken` of the epoch with the best max-over-thresholds train mIoU (the latest
+        of equals); its meta holds that IoU (``train_max_miou``), the threshold (``tau``) and the loss.
 
     Example:
         >>> from opendaam.tracing import Record, upsample
