@@ -107,7 +107,8 @@ def toy_urban():
 
     pipe = opendaam.load_pipeline("toy-urban")
     pipe.set_progress_bar_config(disable=True)
-    return pipe, _records(pipe, ("a car on a city street", "a person walking in the city"), TRAIN + HELD_OUT)
+    call = {"num_inference_steps": 20, "height": 64, "width": 64}  # the model's own defaults (opendaam.json)
+    return pipe, _records(pipe, ("a car on a city street", "a person walking in the city"), TRAIN + HELD_OUT, **call)
 
 
 @pytest.mark.slow
