@@ -369,3 +369,29 @@ def test_adam_matches_torch_adam():
         theirs.step()
     assert a.grad is not None and torch.allclose(a, b, rtol=0, atol=1e-6)
     assert not torch.equal(a, torch.zeros_like(a))
+
+
+def test_bad_targets_and_options_are_refused_before_optimizing():
+    """NaN, negative and label-style masks, a NaN start, epochs=0 and lr=nan: one clear error each (these used
+    to be accepted and gave an inf loss or a target scaled to 3/255)."""
+    from opendaam.tracing import Record
+
+    m = torch.zeros(4, 2)
+    r = Record(meta={"latent_size": [2, 2], "image_size": [2, 2], "text_dim": 2}, linear_map=m)
+    good = np.array([[1, 0], [0, 0]])
+    cases = [
+        (dict(masks=[np.array([[np.nan, 1.0], [0, 0]])]), "NaN or infinite"),
+        (dict(masks=[np.array([[-1.0, 1.0], [0, 0]])]), "negative values"),
+        (dict(masks=[np.array([[0, 3], [3, 0]])]), r"values \[0.0, 3.0\]: masks are 0/1"),
+        (dict(init=torch.tensor([float("nan"), 0.0])), "init tensor has NaN"),
+        (dict(epochs=0), "epochs must be a whole number >= 1"),
+        (dict(lr=float("nan")), "lr must be a finite number > 0"),
+    ]
+    for change, message in cases:
+        kwargs = dict(masks=[good], init=torch.zeros(2), progress=False)
+        kwargs.update(change)
+        masks = kwargs.pop("masks")
+        with pytest.raises(ValueError, match=message):
+            optimize_token([r], masks, **kwargs)
+    assert optimize_token([r], [np.array([[255, 0], [0, 0]], np.uint8)], init=torch.zeros(2), progress=False,
+                          epochs=2).embedding.shape == (1, 2)

@@ -107,6 +107,12 @@ class OptimizeConfig:
             raise ValueError(f"start must be 'fit' or 'init', not {self.start!r}")
         if not 0.0 < self.tau < 1.0:
             raise ValueError(f"tau must be between 0 and 1 (exclusive), not {self.tau}")
+        if isinstance(self.epochs, bool) or not isinstance(self.epochs, int) or self.epochs < 1:
+            raise ValueError(f"epochs must be a whole number >= 1, not {self.epochs!r}")
+        if not (math.isfinite(self.lr) and self.lr > 0):
+            raise ValueError(f"lr must be a finite number > 0, not {self.lr}")
+        if self.patience < 0:
+            raise ValueError(f"patience must be >= 0 (0 runs every epoch), not {self.patience}")
 
 
 def _ce_loss(p: Tensor, g: Tensor) -> Tensor:
@@ -222,11 +228,24 @@ def _model_key(name: str) -> str:
 
 def _mask_tensor(mask, record: Record, index: int, size: str = "latent") -> Tensor:
     """A flat float target at ``size`` (image: nearest-upsampled; latent: area-averaged) from a mask at
-    image or latent size."""
+    image or latent size.
+
+    A mask is bool, 0/1, soft in [0, 1] or 0/255 (a PNG); anything else (NaN, negative values, label ids such
+    as {0, 3}) is refused, since scaling it would train on a wrong target.
+    """
     m = torch.as_tensor(np.asarray(mask)).float()
     if m.ndim == 3:
         m = m[..., 0] if m.shape[-1] in (1, 3, 4) else m[0]
-    if m.max() > 1:
+    if not torch.isfinite(m).all():
+        raise ValueError(f"mask {index} has NaN or infinite values: give 0/1, [0, 1] or 0/255 masks")
+    if m.numel() and m.min() < 0:
+        raise ValueError(f"mask {index} has negative values (min {float(m.min())}): give 0/1, [0, 1] or 0/255 masks")
+    if m.numel() and m.max() > 1:
+        values = torch.unique(m)
+        if not set(values.tolist()) <= {0.0, 255.0}:
+            raise ValueError(
+                f"mask {index} has values {values[:6].tolist()}: masks are 0/1, [0, 1] or 0/255; for a label map "
+                "give (labels == class_id)")
         m = m / 255.0
     if tuple(m.shape) not in (tuple(record.image_size), tuple(record.latent_size)):
         raise ValueError(
@@ -258,6 +277,8 @@ def _check_same_model(records: Sequence[Record]) -> None:
 def _init_embedding(init, records: Sequence[Record], pipe) -> Tensor:
     """The starting embedding ``(text_dim,)`` from a tensor, a word in the records' prompts, or a word."""
     if isinstance(init, Tensor):
+        if not torch.isfinite(init).all():
+            raise ValueError("the init tensor has NaN or infinite values: start from a word or a finite embedding")
         return init.detach().float().flatten().clone()
     for r in records:
         if r.tokens and r.context is not None:
