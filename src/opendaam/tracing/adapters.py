@@ -161,7 +161,11 @@ class JointAttention(LayerKind):
         return flat, q
 
     def projections(self, attn: nn.Module) -> list[nn.Module | None]:
-        return [attn.to_q, attn.add_k_proj]
+        return [attn.to_q, self.key_projection(attn)]
+
+    def key_projection(self, attn: nn.Module) -> nn.Module:
+        """The module that projects the text states to keys."""
+        return attn.add_k_proj
 
     def head_queries(self, attn: nn.Module, flat: Tensor, call: LayerCall) -> Tensor:
         q = super().head_queries(attn, flat, call)
@@ -178,26 +182,22 @@ class JointAttention(LayerKind):
         """The norm the processor applies to the text keys per head."""
         return attn.norm_added_k
 
-    def projected_keys(self, attn: nn.Module, projected: Tensor, call: LayerCall) -> Tensor:
-        """Keys ``(n, heads, T, head_dim)`` from the text key projection's output of the conditional rows."""
+    def projected_keys(self, attn: nn.Module, projected: Tensor, call: LayerCall | None) -> Tensor:
+        """Keys ``(..., heads, T, head_dim)`` from the text key projection's output ``(..., T, inner)``: the split
+        into heads, the key norm, RoPE on the text rows."""
         k = projected.view(*projected.shape[:-1], attn.heads, -1).transpose(-2, -3)
         norm = self.key_norm(attn)
         if norm is not None:
             k = norm(k)
-        if call.rotary is not None:
+        if call is not None and call.rotary is not None:
             cos, sin = call.rotary
             k = _rope(k, cos[: k.shape[-2]], sin[: k.shape[-2]])
         return k
 
     def keys(self, attn: nn.Module, states: Tensor, call: LayerCall | None = None,
              exact_module: bool = False) -> Tensor:
-        k = attn.add_k_proj(states.to(attn.add_k_proj.weight.dtype))  # (..., T, inner)
-        k = k.view(*k.shape[:-1], attn.heads, -1).transpose(-2, -3)  # (..., heads, T, head_dim)
-        if attn.norm_added_k is not None:
-            k = attn.norm_added_k(k)
-        if call is not None and call.rotary is not None:
-            cos, sin = call.rotary
-            k = _rope(k, cos[: k.shape[-2]], sin[: k.shape[-2]])
+        projection = self.key_projection(attn)
+        k = self.projected_keys(attn, projection(states.to(projection.weight.dtype)), call)  # (..., heads, T, d)
         return k if exact_module else k.float()
 
     def scale(self, attn: nn.Module) -> float:
@@ -225,8 +225,8 @@ class SingleStream(JointAttention):
     def text_states(self, attn: nn.Module, call: LayerCall, rows: slice) -> Tensor:
         return call.hidden_states[rows, : call.text_len]
 
-    def projections(self, attn: nn.Module) -> list[nn.Module | None]:
-        return [attn.to_q, attn.to_k]  # one sequence [text; image] through both
+    def key_projection(self, attn: nn.Module) -> nn.Module:
+        return attn.to_k  # one sequence [text; image] through to_q and to_k
 
     def query_rows(self, projected: Tensor, call: LayerCall, rows: slice) -> Tensor:
         return projected[rows, call.text_len :]
@@ -236,17 +236,6 @@ class SingleStream(JointAttention):
 
     def key_norm(self, attn: nn.Module):
         return attn.norm_k
-
-    def keys(self, attn: nn.Module, states: Tensor, call: LayerCall | None = None,
-             exact_module: bool = False) -> Tensor:
-        k = attn.to_k(states.to(attn.to_k.weight.dtype))  # (..., T, inner)
-        k = k.view(*k.shape[:-1], attn.heads, -1).transpose(-2, -3)  # (..., heads, T, head_dim)
-        if attn.norm_k is not None:
-            k = attn.norm_k(k)
-        if call is not None and call.rotary is not None:
-            cos, sin = call.rotary
-            k = _rope(k, cos[: k.shape[-2]], sin[: k.shape[-2]])
-        return k if exact_module else k.float()
 
 
 def _rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
