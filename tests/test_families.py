@@ -158,3 +158,22 @@ def test_layer_presets():
     from opendaam.tracing.adapters import layer_presets
 
     assert layer_presets(list(unet))["late"] == ["up_blocks.1.a", "up_blocks.2.a"]
+
+
+def test_prompts_longer_than_clip_reads():
+    """T5 reads prompts past CLIP's 77 tokens: Flux maps a word at T5 column 80+; SD3 cuts its CLIP columns at 77
+    (as the pipeline does) and finds the word in its T5 columns."""
+    words = " ".join(["red car"] * 45) + " tree"  # 91 words: past 77 tokens in CLIP and in the tiny T5
+    prompt = f"a {words}"
+    pipe = pipeline("flux")
+    with trace(pipe) as tracer:
+        pipe(prompt, generator=torch.Generator().manual_seed(0), **call_options("flux"))
+    record = tracer.records[0]
+    columns = heatmaps(record, "tree").token_indices[0]
+    assert record.meta["prompt"] == prompt and columns and min(columns) > 77
+    pipe = pipeline("sd3")
+    with trace(pipe) as tracer:
+        pipe(prompt, generator=torch.Generator().manual_seed(0), **call_options("sd3"))
+    clip, t5 = tracer.records[0].meta["segments"]
+    assert len(clip["token_ids"]) == 77 and "\u2581tree" in t5["tokens"]
+    assert heatmaps(tracer.records[0], "tree").token_indices[0] == [77 + t5["tokens"].index("\u2581tree")]

@@ -482,12 +482,17 @@ def segment_columns(tokens: list[str], segments: list[dict], word: str) -> list[
         >>> segment_columns(clip, [{}, {"offset": 77, "tokens": ["\u2581a", "\u2581car", "</s>"]}], "car")
         [2, 78]
     """
-    found = find_tokens(tokens, word)
+    try:
+        found = find_tokens(tokens, word)
+    except KeyError as error:  # SD3: CLIP's 77 columns may have cut the word off; T5's may still hold it
+        found, missing = [], error
     for segment in segments[1:]:
         try:
             found += [segment["offset"] + i for i in find_tokens(segment["tokens"], word)]
         except KeyError:
             continue  # <sot> exists in CLIP's columns only
+    if not found:
+        raise missing
     return found
 
 

@@ -417,7 +417,8 @@ class Tracer:
                 "call's prompt with tracer.next(prompt=...), or leave prompt= out", UserWarning, stacklevel=2)
         if not seen:
             return {}
-        return _prompt_meta(_decode(self.pipe, seen[0]), seen)
+        longest = max(seen, key=lambda segment: len(segment["token_ids"]))  # SD3: T5 reads past CLIP's 77
+        return _prompt_meta(_decode(self.pipe, longest), seen)
 
     @property
     def records(self) -> list[Record]:
