@@ -161,8 +161,14 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, default=5)
     parser.add_argument("--images", type=int, default=1,
                         help="training images per optimization (the thesis trains on 2); times are per image")
+    parser.add_argument("--device", default="cpu",
+                        help="only cpu: token optimization reads records, which opendaam keeps on the CPU, and its "
+                             "int8 kernels are CPU kernels")
     parser.add_argument("--out", default="bench/results/optimize.json")
     args = parser.parse_args()
+    if args.device != "cpu":
+        parser.error(f"--device {args.device}: opendaam optimizes tokens on the CPU, where records live (the "
+                     "generation is what an accelerator speeds up: see bench_tracing.py); use --device cpu")
     set_threads(args.threads)
     from diffusers import UNet2DConditionModel
 
@@ -179,7 +185,7 @@ def main() -> None:
         "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "machine": f"{platform.machine()} {os.cpu_count()} cores, torch {torch.__version__}",
         "size": args.size, "latent": [h, w], "text_dim": record.meta["text_dim"], "calls": args.calls,
-        "threads": args.threads, "epochs": args.epochs, "images": args.images,
+        "threads": args.threads, "device": args.device, "epochs": args.epochs, "images": args.images,
     }
     result["linear_s_per_epoch"] = time_opendaam(records, pipe, "linear", args.epochs * 20, mask)
     result["open_vocab_s_per_epoch"] = time_opendaam(records, pipe, "open_vocab", args.epochs, mask)

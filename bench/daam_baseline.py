@@ -14,8 +14,10 @@ Usage (the full benchmark; ``--steps 2 --rounds 1`` for a smoke run)::
     /opt/daam-venv/bin/python bench/daam_baseline.py --threads 1 --size 256 --steps 30 --rounds 3 \\
         --out bench/results/daam_baseline.json
 
-``--guidance``, ``--num-images``, ``--height`` and ``--width`` probe DAAM's limits; a traced round that
-raises is reported in the JSON (``traced_error``) and the script exits with status 1.
+``--device cuda`` runs it on an accelerator (the pipeline is moved there; DAAM's ``set_seed`` draws its
+generator on CUDA whenever one is available). ``--guidance``, ``--num-images``, ``--height`` and ``--width``
+probe DAAM's limits; a traced round that raises is reported in the JSON (``traced_error``) and the script
+exits with status 1.
 """
 
 from __future__ import annotations
@@ -151,7 +153,7 @@ def generate(pipe: Any, args: argparse.Namespace, traced: bool, steps: int | Non
         ``seconds`` (the whole round), ``image`` (float array), and for a traced round
         ``generate_seconds``, ``heat_map_seconds`` and a few facts about the maps.
     """
-    from daam import set_seed, trace
+    from daam import trace
 
     call = dict(
         num_inference_steps=steps or args.steps,
@@ -159,7 +161,7 @@ def generate(pipe: Any, args: argparse.Namespace, traced: bool, steps: int | Non
         width=args.width,
         guidance_scale=args.guidance,
         num_images_per_prompt=args.num_images,
-        generator=set_seed(args.seed),
+        generator=_generator(args),
         output_type="np",
     )
     result: dict[str, Any] = {}
@@ -173,6 +175,7 @@ def generate(pipe: Any, args: argparse.Namespace, traced: bool, steps: int | Non
             global_map = tc.compute_global_heat_map()
             word_map = global_map.compute_word_heat_map(WORD)
             keys = [key for key, _ in tc.all_heat_maps]
+            _sync(args.device)
         result["generate_seconds"] = generated - start
         result["heat_map_seconds"] = time.perf_counter() - generated
         result["maps"] = {
@@ -192,6 +195,21 @@ def generate(pipe: Any, args: argparse.Namespace, traced: bool, steps: int | Non
     return result
 
 
+def _generator(args: argparse.Namespace) -> torch.Generator:
+    """DAAM's seeded generator, on ``--device`` (``set_seed`` alone picks CUDA whenever it is available)."""
+    from daam import set_seed
+
+    gen = set_seed(args.seed)
+    if gen.device.type != torch.device(args.device).type:
+        gen = torch.Generator(device=args.device).manual_seed(args.seed)
+    return gen
+
+
+def _sync(device: str) -> None:
+    if device.startswith("cuda"):
+        torch.cuda.synchronize(device)
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     """Command-line arguments; ``--height``/``--width`` default to ``--size``."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
@@ -204,6 +222,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--guidance", type=float, default=7.5)
     parser.add_argument("--num-images", type=int, default=1, help="num_images_per_prompt")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ...")
     parser.add_argument("--no-warmup", action="store_true", help="skip the 1-step traced warm-up")
     parser.add_argument("--out", default=None, help="also write the JSON here")
     args = parser.parse_args(argv)
@@ -217,7 +236,9 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     torch.set_num_threads(args.threads)
     start = time.perf_counter()
-    pipe = build_sd2_base(args.seed)
+    if args.device.startswith("cuda") and not torch.cuda.is_available():
+        sys.exit(f"daam_baseline: --device {args.device}: torch {torch.__version__} sees no CUDA device")
+    pipe = build_sd2_base(args.seed).to(args.device)
     build_seconds = time.perf_counter() - start
 
     traced_error = None
@@ -272,6 +293,7 @@ def main(argv: list[str] | None = None) -> int:
         "num_images": args.num_images,
         "seed": args.seed,
         "threads": args.threads,
+        "device": args.device,
         "dtype": "float32",
         "build_seconds": build_seconds,
         "seconds": times,
