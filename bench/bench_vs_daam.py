@@ -11,7 +11,9 @@ DAAM pins diffusers 0.21.2 and so lives in its own environment (``bash bench/set
 
 Same architecture (SD 2-base, random fp32 weights), prompt, size, steps, guidance, seed and thread count for both.
 Each tool's ratio is against its own untraced median of the same run (their diffusers versions differ, so their
-untraced times may too). Both processes run under the same fixed malloc settings (bench/_malloc.py).
+untraced times may too). Process CPU seconds (all threads) are reported beside wall seconds: they are much less
+disturbed by other processes sharing the cores. Both processes run under the same fixed malloc settings
+(bench/_malloc.py).
 
 Usage::
 
@@ -89,13 +91,14 @@ def opendaam_round(pipe, args: argparse.Namespace) -> dict[str, Any]:
 
     result: dict[str, Any] = {}
     reset_peak_memory(args.device)
-    start = time.perf_counter()
+    start, cpu_start = time.perf_counter(), time.process_time()
     untraced = pipe(PROMPT, **call()).images
     sync(args.device)
     result["untraced"] = time.perf_counter() - start
+    result["cpu_untraced"] = time.process_time() - cpu_start
     result["peak_untraced"] = peak_memory_mb(args.device)
     reset_peak_memory(args.device)
-    start = time.perf_counter()
+    start, cpu_start = time.perf_counter(), time.process_time()
     with trace(pipe) as tracer:
         traced = pipe(PROMPT, **call()).images
     sync(args.device)
@@ -104,6 +107,7 @@ def opendaam_round(pipe, args: argparse.Namespace) -> dict[str, Any]:
     result["traced_generate"] = generated - start
     result["traced_heat_maps"] = time.perf_counter() - generated
     result["traced"] = time.perf_counter() - start
+    result["cpu_traced"] = time.process_time() - cpu_start
     result["peak_traced"] = peak_memory_mb(args.device)
     result["identical"] = bool(np.array_equal(np.asarray(untraced), np.asarray(traced)))
     result["max_abs_diff"] = float(np.abs(np.asarray(untraced) - np.asarray(traced)).max())
@@ -149,10 +153,11 @@ def main(argv: list[str] | None = None) -> int:
                       file=sys.stderr, flush=True)
             loads.append(os.getloadavg()[0])
 
-    def summary(untraced, traced, generate, maps, identical, diffs, peaks):
+    def summary(untraced, traced, generate, maps, identical, diffs, peaks, cpu_u, cpu_t):
         med_u, med_t, med_g = _median(untraced), _median(traced), _median(generate)
         return {"seconds": {"untraced": untraced, "traced": traced, "traced_generate": generate,
-                            "traced_heat_maps": maps},
+                            "traced_heat_maps": maps, "cpu_untraced": cpu_u, "cpu_traced": cpu_t},
+                "ratio_cpu_traced_to_untraced": _median(cpu_t) / _median(cpu_u),
                 "median_seconds": {"untraced": med_u, "traced": med_t, "traced_generate": med_g,
                                    "traced_heat_maps": _median(maps)},
                 "ratio_traced_to_untraced": med_t / med_u,
@@ -165,13 +170,15 @@ def main(argv: list[str] | None = None) -> int:
                 [x["seconds"]["traced_generate"][0] for x in daam], [x["seconds"]["traced_heat_maps"][0] for x in daam],
                 [bool(x["identical_images"]) for x in daam], [x["max_abs_image_diff"] for x in daam],
                 {"untraced": max(x["peak_rss_mb"]["untraced"] for x in daam),
-                 "traced": max(x["peak_rss_mb"]["traced"] for x in daam)})
+                 "traced": max(x["peak_rss_mb"]["traced"] for x in daam)},
+                [x["seconds"]["cpu_untraced"][0] for x in daam], [x["seconds"]["cpu_traced"][0] for x in daam])
     d["versions"] = daam[0]["versions"]
     d["traced_error"] = next((x["traced_error"] for x in daam if x["traced_error"]), None)
     o = summary([x["untraced"] for x in ours], [x["traced"] for x in ours], [x["traced_generate"] for x in ours],
                 [x["traced_heat_maps"] for x in ours], [x["identical"] for x in ours],
                 [x["max_abs_diff"] for x in ours],
-                {"untraced": max(x["peak_untraced"] for x in ours), "traced": max(x["peak_traced"] for x in ours)})
+                {"untraced": max(x["peak_untraced"] for x in ours), "traced": max(x["peak_traced"] for x in ours)},
+                [x["cpu_untraced"] for x in ours], [x["cpu_traced"] for x in ours])
     import diffusers
 
     import opendaam
@@ -195,6 +202,8 @@ def main(argv: list[str] | None = None) -> int:
     }
     write_json(args.out, result)
     print(json.dumps({"daam_ratio": d["ratio_traced_to_untraced"], "opendaam_ratio": o["ratio_traced_to_untraced"],
+                      "daam_cpu_ratio": d["ratio_cpu_traced_to_untraced"],
+                      "opendaam_cpu_ratio": o["ratio_cpu_traced_to_untraced"],
                       "daam_identical": d["identical_images"], "opendaam_identical": o["identical_images"]}, indent=2))
     return 0
 

@@ -165,7 +165,7 @@ def generate(pipe: Any, args: argparse.Namespace, traced: bool, steps: int | Non
         output_type="np",
     )
     result: dict[str, Any] = {}
-    start = time.perf_counter()
+    start, cpu_start = time.perf_counter(), time.process_time()
     if not traced:
         image = pipe(PROMPT, **call).images
     else:
@@ -191,6 +191,7 @@ def generate(pipe: Any, args: argparse.Namespace, traced: bool, steps: int | Non
             },
         }
     result["seconds"] = time.perf_counter() - start
+    result["cpu_seconds"] = time.process_time() - cpu_start  # all threads; steadier than wall time under load
     result["image"] = np.asarray(image)
     return result
 
@@ -249,7 +250,8 @@ def main(argv: list[str] | None = None) -> int:
             traced_error = traceback.format_exc(limit=-3)
     peaks = {"build_and_warmup": peak_rss_mb(), "untraced": 0.0, "traced": 0.0}
 
-    times: dict[str, list[float]] = {"untraced": [], "traced": [], "traced_generate": [], "traced_heat_maps": []}
+    times: dict[str, list[float]] = {"untraced": [], "traced": [], "traced_generate": [], "traced_heat_maps": [],
+                                     "cpu_untraced": [], "cpu_traced": []}
     equal: list[bool] = []
     max_diff: list[float] = []
     maps: dict[str, Any] | None = None
@@ -258,6 +260,7 @@ def main(argv: list[str] | None = None) -> int:
         untraced = generate(pipe, args, traced=False)
         peaks["untraced"] = max(peaks["untraced"], peak_rss_mb())
         times["untraced"].append(untraced["seconds"])
+        times["cpu_untraced"].append(untraced["cpu_seconds"])
         print(f"round {r} untraced: {untraced['seconds']:.2f} s", file=sys.stderr, flush=True)
         if traced_error is not None:
             continue
@@ -269,6 +272,7 @@ def main(argv: list[str] | None = None) -> int:
             continue
         peaks["traced"] = max(peaks["traced"], peak_rss_mb())
         times["traced"].append(traced["seconds"])
+        times["cpu_traced"].append(traced["cpu_seconds"])
         times["traced_generate"].append(traced["generate_seconds"])
         times["traced_heat_maps"].append(traced["heat_map_seconds"])
         equal.append(bool(np.array_equal(traced["image"], untraced["image"])))
@@ -301,6 +305,9 @@ def main(argv: list[str] | None = None) -> int:
         "ratio_traced_to_untraced": medians["traced"] / base if medians["traced"] else None,
         "ratio_traced_generate_to_untraced": (
             medians["traced_generate"] / base if medians["traced_generate"] else None
+        ),
+        "ratio_cpu_traced_to_untraced": (
+            medians["cpu_traced"] / medians["cpu_untraced"] if medians["cpu_traced"] else None
         ),
         "identical_images": all(equal) if equal else None,
         "max_abs_image_diff": max(max_diff) if max_diff else None,
