@@ -76,8 +76,10 @@ def run_daam(args: argparse.Namespace) -> dict[str, Any]:
         return json.loads(out.read_text())
 
 
-def opendaam_round(pipe, args: argparse.Namespace) -> dict[str, Any]:
-    """One opendaam round: untraced, then traced + the word's DAAM map (as the DAAM round does)."""
+def opendaam_round(pipe, args: argparse.Namespace, warm_up: bool = True, traced_first: bool = False
+                   ) -> dict[str, Any]:
+    """One opendaam round: a 1-step traced warm-up, then untraced and traced + the word's DAAM map (as the DAAM
+    round does), or traced first."""
     import numpy as np
     import torch
     from _common import peak_memory_mb, reset_peak_memory, sync
@@ -89,30 +91,42 @@ def opendaam_round(pipe, args: argparse.Namespace) -> dict[str, Any]:
                     guidance_scale=args.guidance, output_type="np",
                     generator=torch.Generator(device=args.device).manual_seed(args.seed))
 
+    def untraced_run():
+        reset_peak_memory(args.device)
+        start, cpu_start = time.perf_counter(), time.process_time()
+        images = pipe(PROMPT, **call()).images
+        sync(args.device)
+        result["untraced"] = time.perf_counter() - start
+        result["cpu_untraced"] = time.process_time() - cpu_start
+        result["peak_untraced"] = peak_memory_mb(args.device)
+        return images
+
+    def traced_run():
+        reset_peak_memory(args.device)
+        start, cpu_start = time.perf_counter(), time.process_time()
+        with trace(pipe) as tracer:
+            images = pipe(PROMPT, **call()).images
+        sync(args.device)
+        generated = time.perf_counter()
+        result["word_map_shape"] = list(heatmaps(tracer.records[0], [WORD]).latent.shape)
+        result["traced_generate"] = generated - start
+        result["traced_heat_maps"] = time.perf_counter() - generated
+        result["traced"] = time.perf_counter() - start
+        result["cpu_traced"] = time.process_time() - cpu_start
+        result["peak_traced"] = peak_memory_mb(args.device)
+        result["recorders"] = [type(r).__name__ for r in tracer.recorders]
+        return images
+
     result: dict[str, Any] = {}
-    reset_peak_memory(args.device)
-    start, cpu_start = time.perf_counter(), time.process_time()
-    untraced = pipe(PROMPT, **call()).images
-    sync(args.device)
-    result["untraced"] = time.perf_counter() - start
-    result["cpu_untraced"] = time.process_time() - cpu_start
-    result["peak_untraced"] = peak_memory_mb(args.device)
-    reset_peak_memory(args.device)
-    start, cpu_start = time.perf_counter(), time.process_time()
-    with trace(pipe) as tracer:
-        traced = pipe(PROMPT, **call()).images
-    sync(args.device)
-    generated = time.perf_counter()
-    word_map = heatmaps(tracer.records[0], [WORD]).latent
-    result["traced_generate"] = generated - start
-    result["traced_heat_maps"] = time.perf_counter() - generated
-    result["traced"] = time.perf_counter() - start
-    result["cpu_traced"] = time.process_time() - cpu_start
-    result["peak_traced"] = peak_memory_mb(args.device)
+    if warm_up:  # as each DAAM round starts in a fresh process with a 1-step traced warm-up: no cold first run
+        with trace(pipe):
+            pipe(PROMPT, **dict(call(), num_inference_steps=1))
+    if traced_first:
+        traced, untraced = traced_run(), untraced_run()
+    else:
+        untraced, traced = untraced_run(), traced_run()
     result["identical"] = bool(np.array_equal(np.asarray(untraced), np.asarray(traced)))
     result["max_abs_diff"] = float(np.abs(np.asarray(untraced) - np.asarray(traced)).max())
-    result["word_map_shape"] = list(word_map.shape)
-    result["recorders"] = [type(r).__name__ for r in tracer.recorders]
     return result
 
 
@@ -134,7 +148,7 @@ def main(argv: list[str] | None = None) -> int:
     pipe = build_pipeline("sd2-base", seed=args.seed).to(args.device)
     pipe.set_progress_bar_config(disable=True)
     warm = argparse.Namespace(**{**vars(args), "steps": 1})
-    opendaam_round(pipe, warm)  # warm-up, as daam_baseline.py warms up with a 1-step traced generation
+    opendaam_round(pipe, warm, warm_up=False)  # first warm-up of the process
 
     daam: list[dict[str, Any]] = []
     ours: list[dict[str, Any]] = []
@@ -148,7 +162,7 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"round {r} daam: untraced {s['untraced'][0]:.1f} s, traced {s['traced'][0]:.1f} s",
                       file=sys.stderr, flush=True)
             else:
-                ours.append(opendaam_round(pipe, args))
+                ours.append(opendaam_round(pipe, args, traced_first=r % 2 == 1))
                 print(f"round {r} opendaam: untraced {ours[-1]['untraced']:.1f} s, traced {ours[-1]['traced']:.1f} s",
                       file=sys.stderr, flush=True)
             loads.append(os.getloadavg()[0])
@@ -196,6 +210,7 @@ def main(argv: list[str] | None = None) -> int:
         "malloc": malloc or "glibc defaults",
         "how": "rounds alternate DAAM (subprocess in its venv, --rounds 1) and opendaam (in process), order swapped "
                "every round; each tool's ratio is against its own untraced median from the same run",
+        "opendaam_round": "1-step traced warm-up, then untraced/traced, traced first in odd rounds",
         "daam": d,
         "opendaam": o,
         "load_average_1min_after_each_tool_round": loads,

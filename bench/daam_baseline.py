@@ -26,7 +26,6 @@ import argparse
 import json
 import os
 import platform
-import resource
 import statistics
 import sys
 import time
@@ -38,6 +37,9 @@ from typing import Any
 
 import numpy as np
 import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import peak_memory_mb, reset_peak_memory  # noqa: E402  (standard library only: no opendaam)
 
 TOKENIZER_DIR = Path(__file__).resolve().parent.parent / "src" / "opendaam" / "assets" / "clip_tokenizer"
 PROMPT = "A car in an urban environment"
@@ -118,26 +120,6 @@ def build_sd2_base(seed: int = 0) -> Any:
     )
     pipe.set_progress_bar_config(disable=True)
     return pipe
-
-
-def reset_peak_rss() -> bool:
-    """Reset the kernel's peak-RSS mark of this process (Linux ``clear_refs``); False if not possible."""
-    try:
-        Path("/proc/self/clear_refs").write_text("5")
-        return True
-    except OSError:
-        return False
-
-
-def peak_rss_mb() -> float:
-    """Peak resident set size in MiB since the last reset (``VmHWM``), else since the process started."""
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) / 1024
-    except OSError:
-        pass
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 def generate(pipe: Any, args: argparse.Namespace, traced: bool, steps: int | None = None) -> dict[str, Any]:
@@ -248,7 +230,7 @@ def main(argv: list[str] | None = None) -> int:
             generate(pipe, args, traced=True, steps=1)
         except Exception:  # noqa: BLE001 - reported, not hidden
             traced_error = traceback.format_exc(limit=-3)
-    peaks = {"build_and_warmup": peak_rss_mb(), "untraced": 0.0, "traced": 0.0}
+    peaks = {"build_and_warmup": peak_memory_mb(args.device), "untraced": 0.0, "traced": 0.0}
 
     times: dict[str, list[float]] = {"untraced": [], "traced": [], "traced_generate": [], "traced_heat_maps": [],
                                      "cpu_untraced": [], "cpu_traced": []}
@@ -256,21 +238,21 @@ def main(argv: list[str] | None = None) -> int:
     max_diff: list[float] = []
     maps: dict[str, Any] | None = None
     for r in range(args.rounds):
-        reset_peak_rss()
+        reset_peak_memory(args.device)
         untraced = generate(pipe, args, traced=False)
-        peaks["untraced"] = max(peaks["untraced"], peak_rss_mb())
+        peaks["untraced"] = max(peaks["untraced"], peak_memory_mb(args.device))
         times["untraced"].append(untraced["seconds"])
         times["cpu_untraced"].append(untraced["cpu_seconds"])
         print(f"round {r} untraced: {untraced['seconds']:.2f} s", file=sys.stderr, flush=True)
         if traced_error is not None:
             continue
-        reset_peak_rss()
+        reset_peak_memory(args.device)
         try:
             traced = generate(pipe, args, traced=True)
         except Exception:  # noqa: BLE001 - reported, not hidden
             traced_error = traceback.format_exc(limit=-3)
             continue
-        peaks["traced"] = max(peaks["traced"], peak_rss_mb())
+        peaks["traced"] = max(peaks["traced"], peak_memory_mb(args.device))
         times["traced"].append(traced["seconds"])
         times["cpu_traced"].append(traced["cpu_seconds"])
         times["traced_generate"].append(traced["generate_seconds"])
