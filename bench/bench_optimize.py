@@ -59,8 +59,8 @@ def synthetic_record(unet, size: int, calls: int, seed: int = 0) -> Record:
         q = torch.randn(calls, info.heads, lh * lw, info.head_dim, generator=gen).to(torch.float16)  # (S, H, N, d)
         queries[name] = q
         sums[name] = q.float().sum(0).transpose(0, 1).reshape(lh * lw, inner)  # (N, inner)
-    keys = {name: attn.to_k for name, attn in cross_attention_layers(unet).items()}
-    m, bias = build_linear_map(sums, layers, keys, (h, w), "bicubic")
+    modules = cross_attention_layers(unet)  # build_linear_map reads each attention module's to_k
+    m, bias = build_linear_map(sums, layers, modules, (h, w), "bicubic")
     meta = {"latent_size": [h, w], "image_size": [size, size], "text_dim": unet.config.cross_attention_dim,
             "steps": list(range(calls)), "calls": calls, "model": "sd2-base-random",
             "trace_config": {"upsample": "bicubic"}}
