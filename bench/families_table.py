@@ -34,10 +34,10 @@ def timing_table(runs: list[dict[str, Any]]) -> list[str]:
             denoiser += f", first {change['num_layers']} of the blocks (full width)"
         peaks = r["peak_memory_mb"]
         loads = r["load_average_1min_after_each_generation"]
-        cpu = f"{r['ratio_cpu_traced_to_untraced']:.3f}x" if "ratio_cpu_traced_to_untraced" in r else "n/a"
+        cpu = f"**{r['ratio_cpu_traced_to_untraced']:.3f}x**" if "ratio_cpu_traced_to_untraced" in r else "n/a"
         lines.append(
             f"| {r['model']} | {r['size']} px, {r['steps']} steps, guidance {r['guidance_scale']} | {denoiser} "
-            f"| {med['untraced']:.1f} | {med['traced']:.1f} | **{r['ratio_traced_to_untraced']:.3f}x** "
+            f"| {med['untraced']:.1f} | {med['traced']:.1f} | {r['ratio_traced_to_untraced']:.3f}x "
             f"| {r['ratio_of_minima']:.3f}x | {cpu} | {'yes' if r['identical_outputs'] else 'NO'} "
             f"| {peaks['untraced'] / 1024:.1f} / {peaks['traced'] / 1024:.1f} GiB "
             f"| {r['threads']}, {min(loads):.1f}-{max(loads):.1f} | {r['date'][:16]} |")
@@ -119,9 +119,9 @@ def daam_table(r: dict[str, Any]) -> list[str]:
         t = r[name]
         med = t["median_seconds"]
         lines.append(f"| {'DAAM 0.2.0' if name == 'daam' else 'opendaam'} | {t['versions']['diffusers']} "
-                     f"| {med['untraced']:.1f} | {med['traced']:.1f} | **{t['ratio_traced_to_untraced']:.3f}x** "
+                     f"| {med['untraced']:.1f} | {med['traced']:.1f} | {t['ratio_traced_to_untraced']:.3f}x "
                      f"| {t['ratio_traced_generate_to_untraced']:.3f}x | {t['ratio_of_minima']:.3f}x "
-                     f"| {t['ratio_cpu_traced_to_untraced']:.3f}x "
+                     f"| **{t['ratio_cpu_traced_to_untraced']:.3f}x** "
                      f"| {'yes' if t['identical_images'] else 'no'} ({t['max_abs_image_diff']:.1e}) "
                      f"| {t['peak_rss_mb']['traced'] / 1024:.1f} GiB |")
     return lines
