@@ -218,6 +218,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--profile-ops", action="store_true",
                         help="with profiling, also run torch.profiler on one untraced and one traced generation")
     parser.add_argument("--target", type=float, default=1.05, help="profile automatically above this ratio")
+    parser.add_argument("--no-profile", action="store_true", help="never profile, whatever the ratio")
     parser.add_argument("--out", default=None, help="JSON path (default bench/results/families_<model>.json)")
     args = parser.parse_args(argv)
     try:
@@ -332,7 +333,7 @@ def main(argv: list[str] | None = None) -> int:
         "load_average_1min_after_each_generation": loads,
         "note_on_load": "other processes shared the CPU; rounds are alternated so both modes see the same load",
     }
-    if args.profile or ratio > args.target:
+    if not args.no_profile and (args.profile or ratio > args.target):
         print("profiling one traced generation ...", file=sys.stderr, flush=True)
         result["profile"] = profile_traced(pipe, call, args.device, args.trace_options, args.profile_ops)
     write_json(args.out, result)

@@ -34,9 +34,10 @@ def timing_table(runs: list[dict[str, Any]]) -> list[str]:
             denoiser += f", first {change['num_layers']} of the blocks (full width)"
         peaks = r["peak_memory_mb"]
         loads = r["load_average_1min_after_each_generation"]
+        name = r["model"] if r["trace"] == "opendaam.trace(pipe)" else f"{r['model']}, `{r['trace']}`"
         cpu = f"**{r['ratio_cpu_traced_to_untraced']:.3f}x**" if "ratio_cpu_traced_to_untraced" in r else "n/a"
         lines.append(
-            f"| {r['model']} | {r['size']} px, {r['steps']} steps, guidance {r['guidance_scale']} | {denoiser} "
+            f"| {name} | {r['size']} px, {r['steps']} steps, guidance {r['guidance_scale']} | {denoiser} "
             f"| {med['untraced']:.1f} | {med['traced']:.1f} | {r['ratio_traced_to_untraced']:.3f}x "
             f"| {r['ratio_of_minima']:.3f}x | {cpu} | {'yes' if r['identical_outputs'] else 'NO'} "
             f"| {peaks['untraced'] / 1024:.1f} / {peaks['traced'] / 1024:.1f} GiB "
@@ -152,9 +153,11 @@ def main(argv: list[str] | None = None) -> int:
                   *timing_table(runs), ""]
         for r in runs:
             secs = {k: [round(x, 1) for x in v] for k, v in r["seconds"].items()}
-            lines.append(f"- {r['model']}: {r['cpu']}; recorders {', '.join(r['recorders'])}; "
+            cpu = {k: [round(x, 1) for x in v] for k, v in r.get("cpu_seconds", {}).items()}
+            lines.append(f"- {r['model']}, `{r['trace']}`: {r['cpu']}; recorders {', '.join(r['recorders'])}; "
                          f"{r['traced_layers']} traced layers; all seconds untraced {secs['untraced']}, "
-                         f"traced {secs['traced']}.")
+                         f"traced {secs['traced']}" + (f"; CPU seconds untraced {cpu['untraced']}, traced "
+                                                        f"{cpu['traced']}." if cpu else "."))
         lines.append("")
         for r in runs:
             lines += profile_lines(r)
