@@ -31,7 +31,8 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 import torch
-from _malloc import use_tuned_malloc  # bench/ is on sys.path when run as a script
+from _common import sync  # bench/ is on sys.path when run as a script
+from _malloc import use_tuned_malloc
 
 from opendaam.dataset import expand_items, generate, parse_spec
 from opendaam.models import build_pipeline, generation_defaults, load_pipeline, set_threads
@@ -59,17 +60,18 @@ def _spec(args, defaults: dict) -> dict:
 def _plain(pipe, items, spec) -> float:
     """Seconds to generate the items without opendaam."""
     start = time.perf_counter()
-    for item in items:
+    for item in items:  # a CPU generator, as opendaam.dataset.generate uses on every device
         pipe(item.prompt, generator=torch.Generator().manual_seed(item.seed), output_type="np",
              num_inference_steps=spec.steps, guidance_scale=spec.guidance, height=spec.height, width=spec.width)
+    sync(pipe.device.type)
     return time.perf_counter() - start
 
 
-def _dataset(pipe, spec, root: Path) -> tuple[float, dict]:
+def _dataset(pipe, spec, root: Path, device: str) -> tuple[float, dict]:
     """Seconds for a whole dataset run into a fresh folder, and the summed manifest timings."""
     out = Path(tempfile.mkdtemp(dir=root))
     start = time.perf_counter()
-    result = generate(spec, out, pipe=pipe, progress=False)
+    result = generate(spec, out, pipe=pipe, progress=False, device=device)
     seconds = time.perf_counter() - start
     assert result.finalized
     stages = {"generate_s": 0.0, "label_s": 0.0, "write_s": 0.0}
@@ -92,14 +94,18 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--method", default="daam", choices=["daam", "open_vocab", "linear"])
     parser.add_argument("--formats", nargs="*", default=["cityscapes", "coco"])
+    parser.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ... (both the plain and the dataset run)")
     parser.add_argument("--out", default=None, help="write the results as JSON here")
     args = parser.parse_args()
+    if args.device.startswith("cuda") and not torch.cuda.is_available():
+        parser.error(f"--device {args.device}: torch {torch.__version__} sees no CUDA device; use --device cpu")
 
     set_threads(args.threads)
     if args.model in ("sd2-base", "tiny", "sd15"):
         pipe = build_pipeline(args.model, seed=0)
     else:
         pipe = load_pipeline(args.model)
+    pipe = pipe.to(args.device)
     pipe.set_progress_bar_config(disable=True)
     spec = parse_spec(_spec(args, generation_defaults(pipe)))
     items = expand_items(spec)
@@ -109,7 +115,7 @@ def main() -> None:
         _plain(pipe, items[:1], spec)  # warm-up
         for _ in range(args.rounds):
             plain.append(_plain(pipe, items, spec))
-            seconds, split = _dataset(pipe, spec, root)
+            seconds, split = _dataset(pipe, spec, root, args.device)
             full.append(seconds)
             stages.append(split)
     finally:
@@ -117,7 +123,7 @@ def main() -> None:
     p, d = statistics.median(plain), statistics.median(full)
     result = {
         "model": args.model, "size": [spec.height, spec.width], "steps": spec.steps, "items": len(items),
-        "rounds": args.rounds, "threads": args.threads, "malloc": malloc or "glibc defaults",
+        "rounds": args.rounds, "threads": args.threads, "device": args.device, "malloc": malloc or "glibc defaults",
         "method": args.method, "formats": args.formats,
         "plain_s": round(p, 3), "dataset_s": round(d, 3), "overhead": round(d / p - 1.0, 4),
         "per_item_overhead_s": round((d - p) / len(items), 4),

@@ -66,8 +66,8 @@ def synthetic_record(unet, size: int, calls: int, seed: int = 0) -> Record:
         q = torch.randn(calls, info.heads, lh * lw, info.head_dim, generator=gen).to(torch.float16)  # (S, H, N, d)
         queries[name] = q
         sums[name] = q.float().sum(0).transpose(0, 1).reshape(lh * lw, inner)  # (N, inner)
-    keys = {name: attn.to_k for name, attn in cross_attention_layers(unet).items()}
-    m, bias = build_linear_map(sums, layers, keys, (h, w), "bicubic")
+    modules = cross_attention_layers(unet)  # build_linear_map reads each attention module's to_k
+    m, bias = build_linear_map(sums, layers, modules, (h, w), "bicubic")
     meta = {"latent_size": [h, w], "image_size": [size, size], "text_dim": unet.config.cross_attention_dim,
             "steps": list(range(calls)), "calls": calls, "model": "sd2-base-random",
             "trace_config": {"upsample": "bicubic"}}
@@ -227,11 +227,17 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, default=5)
     parser.add_argument("--images", type=int, default=1,
                         help="training images per optimization (the thesis trains on 2); times are per image")
+    parser.add_argument("--device", default="cpu",
+                        help="only cpu: token optimization reads records, which opendaam keeps on the CPU, and its "
+                             "int8 kernels are CPU kernels")
     parser.add_argument("--out", default="bench/results/optimize.json")
     parser.add_argument("--planted", action="store_true", help="measure recovery of planted tokens instead")
     parser.add_argument("--methods", nargs="+", default=["linear", "open_vocab"], help="with --planted")
     parser.add_argument("--options", default="{}", help="with --planted: optimize_token options as JSON")
     args = parser.parse_args()
+    if args.device != "cpu":
+        parser.error(f"--device {args.device}: opendaam optimizes tokens on the CPU, where records live (the "
+                     "generation is what an accelerator speeds up: see bench_tracing.py); use --device cpu")
     set_threads(args.threads)
     if args.planted:
         result = {"date": datetime.now(timezone.utc).isoformat(timespec="seconds"), "cpu": _cpu_model(),
@@ -255,7 +261,7 @@ def main() -> None:
         "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "machine": f"{platform.machine()} {os.cpu_count()} cores, torch {torch.__version__}",
         "size": args.size, "latent": [h, w], "text_dim": record.meta["text_dim"], "calls": args.calls,
-        "threads": args.threads, "epochs": args.epochs, "images": args.images,
+        "threads": args.threads, "device": args.device, "epochs": args.epochs, "images": args.images,
     }
     result["linear_s_per_epoch"] = time_opendaam(records, pipe, "linear", args.epochs * 20, mask)
     result["open_vocab_s_per_epoch"] = time_opendaam(records, pipe, "open_vocab", args.epochs, mask)

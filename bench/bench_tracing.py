@@ -5,6 +5,9 @@ the weights). In one process, alternates untraced and traced generations (same s
 reports medians and ratios against the untraced median of the same run, checks the images are identical,
 and times one new word's map via ``M x``, via the query cache, and an 8-token open-vocabulary map.
 
+With ``--device cuda`` the generations run on the accelerator; records stay on the CPU (``TraceConfig.device``),
+so the pipeline is moved back to the CPU before the new-word maps are timed.
+
 Usage::
 
     python bench/bench_tracing.py --threads 1 --size 256 --steps 30 --rounds 3 --out bench/results/tracing.json
@@ -23,7 +26,8 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from _malloc import use_tuned_malloc  # bench/ is on sys.path when run as a script
+from _common import sync  # bench/ is on sys.path when run as a script
+from _malloc import use_tuned_malloc
 
 from opendaam.cache import query_cache_bytes
 from opendaam.heatmaps import heatmaps
@@ -41,9 +45,10 @@ PROMPT = "A car in an urban environment"
 
 def _generate(pipe, args, options):
     """One timed generation; returns (seconds, image array, record or None)."""
-    gen = torch.Generator().manual_seed(0)
+    gen = torch.Generator(device=args.device).manual_seed(0)
     call = dict(num_inference_steps=args.steps, height=args.size, width=args.size, guidance_scale=7.5,
                 generator=gen, output_type="np")
+    sync(args.device)
     start = time.perf_counter()
     if options is None:
         image = pipe(PROMPT, **call).images
@@ -52,6 +57,7 @@ def _generate(pipe, args, options):
         with trace(pipe, prompt=PROMPT, **options) as tracer:
             image = pipe(PROMPT, **call).images
         record = tracer.records[0]
+    sync(args.device)
     return time.perf_counter() - start, image, record
 
 
@@ -74,11 +80,14 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=30)
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--architecture", default="sd2-base")
+    parser.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ...")
     parser.add_argument("--out", default="bench/results/tracing.json")
     args = parser.parse_args()
+    if args.device.startswith("cuda") and not torch.cuda.is_available():
+        parser.error(f"--device {args.device}: torch {torch.__version__} sees no CUDA device; use --device cpu")
     set_threads(args.threads)
 
-    pipe = build_pipeline(args.architecture, seed=0)
+    pipe = build_pipeline(args.architecture, seed=0).to(args.device)
     pipe.set_progress_bar_config(disable=True)
     _generate(pipe, argparse.Namespace(**{**vars(args), "steps": 1}), MODES["daam+linear+queries"])  # warm-up
 
@@ -100,7 +109,7 @@ def main() -> None:
         "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "machine": f"{platform.machine()} {os.cpu_count()} cores, torch {torch.__version__}",
         "architecture": args.architecture, "size": args.size, "steps": args.steps, "rounds": args.rounds,
-        "threads": args.threads, "dtype": "float32", "malloc": malloc or "glibc defaults",
+        "threads": args.threads, "device": args.device, "dtype": "float32", "malloc": malloc or "glibc defaults",
         "seconds": {k: statistics.median(v) for k, v in times.items()},
         "ratio": {k: statistics.median(v) / base for k, v in times.items()},
         "ratio_of_minima": {k: min(v) / min(times["untraced"]) for k, v in times.items()},
@@ -123,6 +132,7 @@ def main() -> None:
 
     # int8 storage: one more traced run, maps compared with the fp16 cache's
     _, _, int8_record = _generate(pipe, args, dict(queries=True, query_dtype="int8"))
+    pipe.to("cpu")  # records live on the CPU: new words' maps are computed there
     words = ["car", "urban", "environment", "tree", "building", "road", "sky", "sidewalk"]
     fp16_maps = heatmaps(full, words, "open_vocab", pipe=pipe).latent
     int8_maps = heatmaps(int8_record, words, "open_vocab", pipe=pipe).latent

@@ -14,8 +14,10 @@ Usage (the full benchmark; ``--steps 2 --rounds 1`` for a smoke run)::
     /opt/daam-venv/bin/python bench/daam_baseline.py --threads 1 --size 256 --steps 30 --rounds 3 \\
         --out bench/results/daam_baseline.json
 
-``--guidance``, ``--num-images``, ``--height`` and ``--width`` probe DAAM's limits; a traced round that
-raises is reported in the JSON (``traced_error``) and the script exits with status 1.
+``--device cuda`` runs it on an accelerator (the pipeline is moved there; DAAM's ``set_seed`` draws its
+generator on CUDA whenever one is available). ``--guidance``, ``--num-images``, ``--height`` and ``--width``
+probe DAAM's limits; a traced round that raises is reported in the JSON (``traced_error``) and the script
+exits with status 1.
 """
 
 from __future__ import annotations
@@ -24,7 +26,6 @@ import argparse
 import json
 import os
 import platform
-import resource
 import statistics
 import sys
 import time
@@ -36,6 +37,9 @@ from typing import Any
 
 import numpy as np
 import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import peak_memory_mb, reset_peak_memory  # noqa: E402  (standard library only: no opendaam)
 
 TOKENIZER_DIR = Path(__file__).resolve().parent.parent / "src" / "opendaam" / "assets" / "clip_tokenizer"
 PROMPT = "A car in an urban environment"
@@ -118,26 +122,6 @@ def build_sd2_base(seed: int = 0) -> Any:
     return pipe
 
 
-def reset_peak_rss() -> bool:
-    """Reset the kernel's peak-RSS mark of this process (Linux ``clear_refs``); False if not possible."""
-    try:
-        Path("/proc/self/clear_refs").write_text("5")
-        return True
-    except OSError:
-        return False
-
-
-def peak_rss_mb() -> float:
-    """Peak resident set size in MiB since the last reset (``VmHWM``), else since the process started."""
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) / 1024
-    except OSError:
-        pass
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-
-
 def generate(pipe: Any, args: argparse.Namespace, traced: bool, steps: int | None = None) -> dict[str, Any]:
     """Run one generation, untraced or under ``daam.trace``, and time it.
 
@@ -151,7 +135,7 @@ def generate(pipe: Any, args: argparse.Namespace, traced: bool, steps: int | Non
         ``seconds`` (the whole round), ``image`` (float array), and for a traced round
         ``generate_seconds``, ``heat_map_seconds`` and a few facts about the maps.
     """
-    from daam import set_seed, trace
+    from daam import trace
 
     call = dict(
         num_inference_steps=steps or args.steps,
@@ -159,11 +143,11 @@ def generate(pipe: Any, args: argparse.Namespace, traced: bool, steps: int | Non
         width=args.width,
         guidance_scale=args.guidance,
         num_images_per_prompt=args.num_images,
-        generator=set_seed(args.seed),
+        generator=_generator(args),
         output_type="np",
     )
     result: dict[str, Any] = {}
-    start = time.perf_counter()
+    start, cpu_start = time.perf_counter(), time.process_time()
     if not traced:
         image = pipe(PROMPT, **call).images
     else:
@@ -173,6 +157,7 @@ def generate(pipe: Any, args: argparse.Namespace, traced: bool, steps: int | Non
             global_map = tc.compute_global_heat_map()
             word_map = global_map.compute_word_heat_map(WORD)
             keys = [key for key, _ in tc.all_heat_maps]
+            _sync(args.device)
         result["generate_seconds"] = generated - start
         result["heat_map_seconds"] = time.perf_counter() - generated
         result["maps"] = {
@@ -188,8 +173,24 @@ def generate(pipe: Any, args: argparse.Namespace, traced: bool, steps: int | Non
             },
         }
     result["seconds"] = time.perf_counter() - start
+    result["cpu_seconds"] = time.process_time() - cpu_start  # all threads; steadier than wall time under load
     result["image"] = np.asarray(image)
     return result
+
+
+def _generator(args: argparse.Namespace) -> torch.Generator:
+    """DAAM's seeded generator, on ``--device`` (``set_seed`` alone picks CUDA whenever it is available)."""
+    from daam import set_seed
+
+    gen = set_seed(args.seed)
+    if gen.device.type != torch.device(args.device).type:
+        gen = torch.Generator(device=args.device).manual_seed(args.seed)
+    return gen
+
+
+def _sync(device: str) -> None:
+    if device.startswith("cuda"):
+        torch.cuda.synchronize(device)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -204,6 +205,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--guidance", type=float, default=7.5)
     parser.add_argument("--num-images", type=int, default=1, help="num_images_per_prompt")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ...")
     parser.add_argument("--no-warmup", action="store_true", help="skip the 1-step traced warm-up")
     parser.add_argument("--out", default=None, help="also write the JSON here")
     args = parser.parse_args(argv)
@@ -217,7 +219,9 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     torch.set_num_threads(args.threads)
     start = time.perf_counter()
-    pipe = build_sd2_base(args.seed)
+    if args.device.startswith("cuda") and not torch.cuda.is_available():
+        sys.exit(f"daam_baseline: --device {args.device}: torch {torch.__version__} sees no CUDA device")
+    pipe = build_sd2_base(args.seed).to(args.device)
     build_seconds = time.perf_counter() - start
 
     traced_error = None
@@ -226,28 +230,31 @@ def main(argv: list[str] | None = None) -> int:
             generate(pipe, args, traced=True, steps=1)
         except Exception:  # noqa: BLE001 - reported, not hidden
             traced_error = traceback.format_exc(limit=-3)
-    peaks = {"build_and_warmup": peak_rss_mb(), "untraced": 0.0, "traced": 0.0}
+    peaks = {"build_and_warmup": peak_memory_mb(args.device), "untraced": 0.0, "traced": 0.0}
 
-    times: dict[str, list[float]] = {"untraced": [], "traced": [], "traced_generate": [], "traced_heat_maps": []}
+    times: dict[str, list[float]] = {"untraced": [], "traced": [], "traced_generate": [], "traced_heat_maps": [],
+                                     "cpu_untraced": [], "cpu_traced": []}
     equal: list[bool] = []
     max_diff: list[float] = []
     maps: dict[str, Any] | None = None
     for r in range(args.rounds):
-        reset_peak_rss()
+        reset_peak_memory(args.device)
         untraced = generate(pipe, args, traced=False)
-        peaks["untraced"] = max(peaks["untraced"], peak_rss_mb())
+        peaks["untraced"] = max(peaks["untraced"], peak_memory_mb(args.device))
         times["untraced"].append(untraced["seconds"])
+        times["cpu_untraced"].append(untraced["cpu_seconds"])
         print(f"round {r} untraced: {untraced['seconds']:.2f} s", file=sys.stderr, flush=True)
         if traced_error is not None:
             continue
-        reset_peak_rss()
+        reset_peak_memory(args.device)
         try:
             traced = generate(pipe, args, traced=True)
         except Exception:  # noqa: BLE001 - reported, not hidden
             traced_error = traceback.format_exc(limit=-3)
             continue
-        peaks["traced"] = max(peaks["traced"], peak_rss_mb())
+        peaks["traced"] = max(peaks["traced"], peak_memory_mb(args.device))
         times["traced"].append(traced["seconds"])
+        times["cpu_traced"].append(traced["cpu_seconds"])
         times["traced_generate"].append(traced["generate_seconds"])
         times["traced_heat_maps"].append(traced["heat_map_seconds"])
         equal.append(bool(np.array_equal(traced["image"], untraced["image"])))
@@ -272,6 +279,7 @@ def main(argv: list[str] | None = None) -> int:
         "num_images": args.num_images,
         "seed": args.seed,
         "threads": args.threads,
+        "device": args.device,
         "dtype": "float32",
         "build_seconds": build_seconds,
         "seconds": times,
@@ -279,6 +287,9 @@ def main(argv: list[str] | None = None) -> int:
         "ratio_traced_to_untraced": medians["traced"] / base if medians["traced"] else None,
         "ratio_traced_generate_to_untraced": (
             medians["traced_generate"] / base if medians["traced_generate"] else None
+        ),
+        "ratio_cpu_traced_to_untraced": (
+            medians["cpu_traced"] / medians["cpu_untraced"] if medians["cpu_traced"] else None
         ),
         "identical_images": all(equal) if equal else None,
         "max_abs_image_diff": max(max_diff) if max_diff else None,
