@@ -292,21 +292,22 @@ def build_linear_map(
         mode: interpolation to latent size.
     """
     h, w = latent_size
-    total = None
-    bias = None
+    grids: dict[tuple[int, int], Tensor] = {}  # layer size -> (text_dim, hl, wl) summed over its layers
+    offsets: dict[tuple[int, int], Tensor] = {}  # the same for the key bias' term, (hl, wl)
     for name, qsum in query_sums.items():
         info = layers[name]
         if not info.key_linear:
             raise ValueError(f"layer {name} normalizes its keys (norm_cross/norm_k): no linear map exists")
         weight, key_bias = key_weight(modules[name])  # (inner, text_dim), (inner,)
-        projected = qsum @ weight.to(qsum.device)  # (N, text_dim)
-        grid = projected.T.reshape(1, -1, info.height, info.width)  # (1, text_dim, hl, wl)
-        up = upsample(grid, (h, w), mode).reshape(-1, h * w)  # (text_dim, h*w)
-        total = up if total is None else total + up
+        size = (info.height, info.width)
+        grid = (qsum @ weight.to(qsum.device)).T.reshape(-1, *size)  # (text_dim, hl, wl)
+        grids[size] = grid if size not in grids else grids[size] + grid
         if key_bias is not None:
-            b = qsum @ key_bias.to(qsum.device)  # (N,)
-            up_b = upsample(b.reshape(1, info.height, info.width), (h, w), mode).reshape(-1)  # (h*w,)
-            bias = up_b if bias is None else bias + up_b
+            b = (qsum @ key_bias.to(qsum.device)).reshape(size)  # (hl, wl)
+            offsets[size] = b if size not in offsets else offsets[size] + b
+    # interpolation is linear: each size is upsampled once, after its layers are summed (2-4 sizes, not 70 layers)
+    total = sum(upsample(g[None], (h, w), mode).reshape(-1, h * w) for g in grids.values())  # (text_dim, h*w)
+    bias = sum(upsample(b[None, None], (h, w), mode).reshape(-1) for b in offsets.values()) if offsets else None
     return total.T.contiguous(), bias  # (h*w, text_dim), (h*w,) or None
 
 
