@@ -117,3 +117,16 @@ def test_token_optimization_and_nearest_words(sdxl, record):
     car = encode_text(sdxl, "car")[0][1]
     best = nearest_words(car, sdxl, k=3, vocabulary=["tree", "car", "person"])
     assert best[0][0] == "car" and best[0][1] == pytest.approx(1.0, abs=1e-5)
+
+
+def test_query_cache_bytes_counts_every_layer(sdxl):
+    """query_cache_bytes from the config alone equals a traced record's fp16 cache (SDXL's transformer depth
+    differs per level: every layer is counted)."""
+    from opendaam.cache import query_cache_bytes
+
+    with trace(sdxl, queries=True) as tracer:
+        _call(sdxl, PROMPTS[0], height=32, width=32)
+    record = tracer.records[0]
+    calls = len(record.steps)
+    factor = sdxl.vae_scale_factor
+    assert query_cache_bytes(sdxl.unet.config, 32, 32, calls, vae_scale_factor=factor) == record.nbytes()["queries"]

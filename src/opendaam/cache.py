@@ -144,10 +144,15 @@ def query_cache_bytes(unet_config, height: int, width: int, calls: int, bytes_pe
     """
     cfg = dict(unet_config)
     channels = list(cfg["block_out_channels"])
-    per_block = cfg.get("layers_per_block", 2)
-    per_block = per_block if isinstance(per_block, int) else per_block[0]
-    tpb = cfg.get("transformer_layers_per_block", 1)
-    tpb = tpb if isinstance(tpb, int) else tpb[0]
+    levels = len(channels)
+
+    def per_level(key, default):  # an int for every level, or one value per level (SDXL: [1, 2, 10])
+        value = cfg.get(key, default)
+        return [value] * levels if isinstance(value, int) else list(value)
+
+    per_block = per_level("layers_per_block", 2)
+    tpb = per_level("transformer_layers_per_block", 1)
+    up_tpb = cfg.get("reverse_transformer_layers_per_block") or tpb[::-1]  # up blocks, in their own order
     h, w = height // vae_scale_factor, width // vae_scale_factor
     total = 0
     sizes = []
@@ -156,12 +161,12 @@ def query_cache_bytes(unet_config, height: int, width: int, calls: int, bytes_pe
         h, w = -(-h // 2), -(-w // 2)
     for i, kind in enumerate(cfg["down_block_types"]):
         if "CrossAttn" in kind:
-            total += per_block * tpb * sizes[i] * channels[i]
+            total += per_block[i] * tpb[i] * sizes[i] * channels[i]
     for i, kind in enumerate(cfg["up_block_types"]):
-        level = len(channels) - 1 - i
+        level = levels - 1 - i
         if "CrossAttn" in kind:
-            total += (per_block + 1) * tpb * sizes[level] * channels[level]
+            total += (per_block[level] + 1) * up_tpb[i] * sizes[level] * channels[level]
     mid = cfg.get("mid_block_type", "UNetMidBlock2DCrossAttn")
     if mid and "CrossAttn" in mid:
-        total += tpb * sizes[-1] * channels[-1]
+        total += tpb[-1] * sizes[-1] * channels[-1]
     return int(total * calls * bytes_per_value)
