@@ -68,3 +68,12 @@ def write_json(path: str | os.PathLike, data: Any) -> Path:
     tmp.write_text(json.dumps(data, indent=2) + "\n")
     os.replace(tmp, path)
     return path
+
+
+def add_run(path: str | os.PathLike, name: str, data: Any) -> Path:
+    """Store ``data`` as run ``name`` of a benchmark's one results file (``{"runs": {name: ...}}``), keeping the
+    file's earlier runs: one file per benchmark in bench/results."""
+    path = Path(path)
+    stored = json.loads(path.read_text()) if path.exists() else {"benchmark": path.stem, "runs": {}}
+    stored.setdefault("runs", {})[name] = data
+    return write_json(path, stored)

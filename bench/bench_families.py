@@ -39,7 +39,7 @@ from typing import Any
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import cpu_model, peak_memory_mb, reset_peak_memory, sync, write_json  # noqa: E402
+from _common import add_run, cpu_model, peak_memory_mb, reset_peak_memory, sync, write_json  # noqa: E402
 
 import opendaam  # noqa: E402
 
@@ -219,7 +219,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="with profiling, also run torch.profiler on one untraced and one traced generation")
     parser.add_argument("--target", type=float, default=1.05, help="profile automatically above this ratio")
     parser.add_argument("--no-profile", action="store_true", help="never profile, whatever the ratio")
-    parser.add_argument("--out", default=None, help="JSON path (default bench/results/families_<model>.json)")
+    parser.add_argument("--out", default=None, help="JSON path (default: run <model>_<date> added to "
+                        "bench/results/families.json)")
     args = parser.parse_args(argv)
     try:
         args.trace_options = json.loads(args.trace_options)
@@ -227,8 +228,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         parser.error(f"--trace-options is not JSON ({err}); pass e.g. '{{\"linear\": false}}'")
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         parser.error(f"--device {args.device}: torch {torch.__version__} sees no CUDA device; use --device cpu")
-    if args.out is None:
-        args.out = f"bench/results/families_{args.model.replace(':', '-')}.json"
+    args.run_name = None
+    if args.out is None:  # one file per benchmark: this run joins the earlier ones by name
+        args.out = "bench/results/families.json"
+        args.run_name = f"{args.model.replace(':', '-')}_{datetime.now(timezone.utc):%Y-%m-%dT%H%M}"
     return args
 
 
@@ -336,7 +339,10 @@ def main(argv: list[str] | None = None) -> int:
     if not args.no_profile and (args.profile or ratio > args.target):
         print("profiling one traced generation ...", file=sys.stderr, flush=True)
         result["profile"] = profile_traced(pipe, call, args.device, args.trace_options, args.profile_ops)
-    write_json(args.out, result)
+    if args.run_name is None:
+        write_json(args.out, result)
+    else:
+        add_run(args.out, args.run_name, result)
     print(json.dumps({k: result[k] for k in ("model", "median_seconds", "ratio_traced_to_untraced",
                                              "identical_outputs", "peak_memory_mb")}, indent=2))
     return 0

@@ -142,8 +142,8 @@ def main(argv: list[str] | None = None) -> int:
         lines += [old[old.index(NOTES[0]): old.index(NOTES[1]) + len(NOTES[1])], ""]
     else:
         lines += [NOTES[0], "", NOTES[1], ""]
-    runs = [json.loads(p.read_text()) for p in sorted(root.glob("families_*.json"))
-            if not json.loads(p.read_text())["model"].startswith("tiny:")]
+    stored = json.loads((root / "families.json").read_text())["runs"] if (root / "families.json").exists() else {}
+    runs = [run for run in stored.values() if not run["model"].startswith("tiny:")]
     if runs:
         lines += ["## Traced / untraced generation, full-size architectures, random weights", "",
                   "Default `opendaam.trace(pipe)` (DAAM sums; on SDXL also the linear matrix M, its default), "
