@@ -31,7 +31,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 import torch
-from _common import sync  # bench/ is on sys.path when run as a script
+from _common import add_run, sync  # bench/ is on sys.path when run as a script
 from _malloc import use_tuned_malloc
 
 from opendaam.dataset import expand_items, generate, parse_spec
@@ -135,9 +135,8 @@ def main() -> None:
     }
     print(json.dumps(result, indent=2))
     print(f"overhead {100 * result['overhead']:.1f}% (target <= 5%)")
-    if args.out:
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
+    if args.out:  # one file per benchmark: runs kept by name
+        add_run(args.out, f"dataset_{args.model}_{result['when'][:16]}", result)
 
 
 if __name__ == "__main__":

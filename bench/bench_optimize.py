@@ -21,7 +21,7 @@ held-out ones, for 3 planted seeds.
 Usage::
 
     python bench/bench_optimize.py --threads 1 --epochs 5 --out bench/results/optimize.json
-    python bench/bench_optimize.py --threads 2 --epochs 7 --images 2 --out bench/results/optimize_2images.json
+    python bench/bench_optimize.py --threads 2 --epochs 7 --images 2 --out bench/results/optimize.json
     python bench/bench_optimize.py --planted --out bench/results/optimize_planted.json
 """
 
@@ -34,10 +34,10 @@ import platform
 import statistics
 import time
 from datetime import datetime, timezone
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from _common import add_run  # bench/ is on sys.path when run as a script
 
 from opendaam.models import ARCHITECTURES, cross_attention_layers, set_threads
 from opendaam.optimize import optimize_token
@@ -243,8 +243,7 @@ def main() -> None:
         result = {"date": datetime.now(timezone.utc).isoformat(timespec="seconds"), "cpu": _cpu_model(),
                   "threads": args.threads, "torch": torch.__version__,
                   **planted(tuple(args.methods), **json.loads(args.options))}
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(json.dumps(result, indent=2))
+        add_run(args.out, f"planted_{result['date'][:16]}", result)  # one file per benchmark: runs kept by name
         return
     from diffusers import UNet2DConditionModel
 
@@ -291,9 +290,8 @@ def main() -> None:
     for key in ("int8", "int8_torch"):
         result[f"speedup_open_vocab_{key}"] = (result["loop_open_vocab_s_per_epoch"]
                                                / result[f"open_vocab_{key}_s_per_epoch"])
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=2))
+    add_run(args.out, f"optimize_{args.threads}threads_{args.images}images_"
+            f"{datetime.now(timezone.utc):%Y-%m-%dT%H%M}", result)  # one file per benchmark: runs kept by name
     print(json.dumps(result, indent=2))
 
 

@@ -22,11 +22,10 @@ import platform
 import statistics
 import time
 from datetime import datetime, timezone
-from pathlib import Path
 
 import numpy as np
 import torch
-from _common import sync  # bench/ is on sys.path when run as a script
+from _common import add_run, sync  # bench/ is on sys.path when run as a script
 from _malloc import use_tuned_malloc
 
 from opendaam.cache import query_cache_bytes
@@ -156,9 +155,7 @@ def main() -> None:
             lambda: heatmaps(full, ["car"], "open_vocab", pipe=pipe, context="a car in an urban environment",
                              softmax_over="prompt").latent, 5)
 
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=2))
+    add_run(args.out, f"tracing_{result['date'][:16]}", result)  # one file per benchmark: runs kept by name
     print(json.dumps(result, indent=2))
 
 
