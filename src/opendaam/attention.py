@@ -16,7 +16,7 @@ from torch import Tensor
 __all__ = [
     "LOG2E",
     "UPSAMPLE_MODES",
-    "image_queries",
+    "query_heads",
     "key_linear",
     "key_weight",
     "scores_bounded",
@@ -89,25 +89,19 @@ def text_keys(attn, states: Tensor, *, exact_module: bool = False) -> Tensor:
     return k
 
 
-def image_queries(attn, hidden: Tensor) -> tuple[Tensor, Tensor]:
-    """Queries of the layer's query input ``hidden`` ``(..., N, dim)``.
-
-    Returns:
-        ``(flat, q)``: ``to_q``'s output ``(..., N, inner)`` and the per-head queries ``(..., heads, N,
-        head_dim)`` after ``norm_q`` (a view of ``flat`` when the layer has no query norm).
+def query_heads(attn, flat: Tensor) -> Tensor:
+    """Per-head queries ``(..., heads, N, head_dim)`` after ``norm_q`` from ``to_q``'s output ``flat``
+    ``(..., N, inner)`` (a view of it when the layer has no query norm).
 
     Examples:
         >>> from diffusers.models.attention_processor import Attention
         >>> attn = Attention(8, cross_attention_dim=4, heads=2, dim_head=4)
-        >>> [tuple(t.shape) for t in image_queries(attn, torch.zeros(3, 16, 8))]
-        [(3, 16, 8), (3, 2, 16, 4)]
+        >>> tuple(query_heads(attn, attn.to_q(torch.zeros(3, 16, 8))).shape)
+        (3, 2, 16, 4)
     """
-    flat = attn.to_q(hidden)  # (..., N, inner)
     heads = attn.heads
     q = flat.view(*flat.shape[:-1], heads, flat.shape[-1] // heads).transpose(-2, -3)  # (..., heads, N, hd)
-    if attn.norm_q is not None:
-        q = attn.norm_q(q)
-    return flat, q
+    return attn.norm_q(q) if attn.norm_q is not None else q
 
 
 def scores_bounded(q: Tensor, keys: Tensor) -> bool:

@@ -145,7 +145,8 @@ class _TokenMaps(_FrozenImages):
                          rotary=inputs.get("image_rotary_emb"), text_len=text_len)
         layer = kind[self.name]
         with torch.no_grad():  # the generation's image queries: constants
-            q = layer.queries(attn, layer.query_input(attn, call, slice(0, 1)), call)[1].float()  # (1, H, N, d)
+            flat = attn.to_q(layer.query_input(attn, call, slice(0, 1)))  # (1, N, inner)
+            q = layer.head_queries(attn, flat, call).float()  # (1, H, N, d)
         k = layer.keys(attn, layer.text_states(attn, call, slice(1, 2)), call)  # (1, H, T, d), with gradient
         scores = torch.matmul(q, k[..., :2, :].transpose(-1, -2)) * layer.scale(attn)  # (1, H, N, 2)
         maps[self.name] = torch.sigmoid(scores[..., 0] - scores[..., 1]).sum((0, 1))  # (N,) object map

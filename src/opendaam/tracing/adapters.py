@@ -24,7 +24,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from opendaam.attention import image_queries, key_linear, text_keys
+from opendaam.attention import key_linear, query_heads, text_keys
 from opendaam.models import DENOISERS, cross_attention_layers
 
 __all__ = [
@@ -85,10 +85,6 @@ class LayerKind:
             h = attn.group_norm(h.transpose(1, 2)).transpose(1, 2)
         return h
 
-    def queries(self, attn: nn.Module, h: Tensor, call: LayerCall) -> tuple[Tensor, Tensor]:
-        """``to_q`` output ``(..., N, inner)`` and per-head queries ``(..., heads, N, head_dim)`` of inputs ``h``."""
-        return image_queries(attn, h)
-
     def projections(self, attn: nn.Module) -> list[nn.Module | None]:
         """The layer's query projection and, where keys change every step (joint attention), its text key
         projection: the tracer reads their outputs from the model's own call instead of computing them again."""
@@ -100,8 +96,7 @@ class LayerKind:
 
     def head_queries(self, attn: nn.Module, flat: Tensor, call: LayerCall) -> Tensor:
         """Per-head queries ``(..., heads, N, head_dim)`` from the projection ``flat`` ``(..., N, inner)``."""
-        q = flat.view(*flat.shape[:-1], attn.heads, -1).transpose(-2, -3)
-        return attn.norm_q(q) if attn.norm_q is not None else q
+        return query_heads(attn, flat)
 
     def text_states(self, attn: nn.Module, call: LayerCall, rows: slice) -> Tensor | None:
         """The text states ``(n, T, D)`` the layer's keys are computed from, for ``rows``."""
@@ -152,13 +147,6 @@ class JointAttention(LayerKind):
 
     def query_input(self, attn: nn.Module, call: LayerCall, rows: slice) -> Tensor:
         return call.hidden_states[rows]
-
-    def queries(self, attn: nn.Module, h: Tensor, call: LayerCall) -> tuple[Tensor, Tensor]:
-        flat, q = image_queries(attn, h)  # (..., N, inner), (..., heads, N, head_dim)
-        if call.rotary is not None:
-            cos, sin = call.rotary
-            q = _rope(q, cos[call.text_len :], sin[call.text_len :])
-        return flat, q
 
     def projections(self, attn: nn.Module) -> list[nn.Module | None]:
         return [attn.to_q, self.key_projection(attn)]
