@@ -17,6 +17,7 @@ from torch import Tensor
 __all__ = [
     "auc",
     "binarize",
+    "class_confusion",
     "confusion",
     "curve_summary",
     "default_thresholds",
@@ -47,6 +48,40 @@ def confusion(pred: Tensor, target: Tensor) -> Tensor:
     fp = (p & ~t).sum((-2, -1))
     fn = (~p & t).sum((-2, -1))
     tn = (~p & ~t).sum((-2, -1))
+    return torch.stack([tp, fp, fn, tn], dim=-1)
+
+
+def class_confusion(pred: Tensor, target: Tensor, classes: int, ignore_index: int = 255) -> Tensor:
+    """Confusion counts of label maps per class: ``(classes, 4)`` as (tp, fp, fn, tn), summed over all pixels
+    whose target is not ``ignore_index`` (semantic segmentation's dataset-level counts).
+
+    Args:
+        pred: predicted label ids, any shape.
+        target: true label ids, the same shape; ``ignore_index`` pixels are left out.
+        classes: number of label ids ``0 .. classes - 1``.
+        ignore_index: target value of pixels that are not scored.
+
+    Raises:
+        ValueError: shapes differ, or a label id is out of range; the message gives them.
+
+    Examples:
+        >>> p = torch.tensor([[0, 1], [1, 1]])
+        >>> t = torch.tensor([[0, 1], [0, 255]])
+        >>> class_confusion(p, t, 2).tolist()
+        [[1, 0, 1, 1], [1, 1, 0, 1]]
+    """
+    if pred.shape != target.shape:
+        raise ValueError(f"prediction {tuple(pred.shape)} and labels {tuple(target.shape)} differ in size")
+    keep = target != ignore_index
+    p, t = pred[keep].long(), target[keep].long()  # (pixels,)
+    for name, ids in (("prediction", p), ("labels", t)):
+        if ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= classes):
+            raise ValueError(f"{name} hold ids {int(ids.min())}..{int(ids.max())}, outside 0..{classes - 1}")
+    matrix = torch.bincount(t * classes + p, minlength=classes * classes).reshape(classes, classes)  # (true, pred)
+    tp = matrix.diagonal()
+    fp = matrix.sum(0) - tp
+    fn = matrix.sum(1) - tp
+    tn = matrix.sum() - tp - fp - fn
     return torch.stack([tp, fp, fn, tn], dim=-1)
 
 

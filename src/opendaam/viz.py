@@ -35,6 +35,8 @@ __all__ = [
     "overlay_grid",
     "plot_ablation",
     "plot_curves",
+    "plot_segmenter",
+    "segmenter_figure",
     "shared_scale",
     "to_pil",
     "word_overlay",
@@ -515,5 +517,58 @@ def plot_ablation(result: dict, path) -> None:
     ax.set_title(title, fontsize=10)
     fig.colorbar(image, ax=ax, label="max mIoU (x100), scale 0 to the matrix's max")
     fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def segmenter_figure(summary: dict):
+    """The figure of :func:`plot_segmenter` (for notebooks, or to add to it before saving).
+
+    Examples:
+        >>> summary = {"iou": {"real_only": {"background": 90.0, "car": 50.0},
+        ...                    "synthetic_only/daam": {"background": 80.0, "car": None}},
+        ...            "miou": {"real_only": 70.0, "synthetic_only": {"daam": 80.0}}}
+        >>> [ax.get_title() for ax in segmenter_figure(summary).axes]
+        ['mIoU per training set', 'IoU per class']
+    """
+    plt = _pyplot()
+    arms = list(summary["iou"])
+    names = list(next(iter(summary["iou"].values())))
+
+    def miou(arm: str) -> float:
+        kind, _, labeller = arm.partition("/")
+        return summary["miou"][kind][labeller] if labeller else summary["miou"][kind]
+
+    colours = {"real_only": "#4c72b0", "synthetic_only": "#dd8452", "few_real": "#55a868",
+               "few_real_plus_synthetic": "#8172b3"}
+    fig, (left, right) = plt.subplots(1, 2, figsize=(12, 4.2), gridspec_kw={"width_ratios": [1, 1.4]})
+    values = [miou(arm) for arm in arms]
+    bars = left.barh(range(len(arms)), values, color=[colours.get(a.partition("/")[0], "grey") for a in arms])
+    left.bar_label(bars, fmt="%.1f", padding=2, fontsize=8)
+    left.set_yticks(range(len(arms)), arms, fontsize=8)
+    left.invert_yaxis()
+    left.set_xlim(0, 100)
+    left.set_xlabel("mIoU (x100), background and classes")
+    left.set_title("mIoU per training set")
+    width = 0.8 / len(arms)
+    for k, arm in enumerate(arms):
+        ious = [summary["iou"][arm][n] for n in names]
+        right.bar(np.arange(len(names)) + (k - (len(arms) - 1) / 2) * width,
+                  [np.nan if v is None else v for v in ious], width, label=arm,
+                  color=colours.get(arm.partition("/")[0], "grey"), alpha=0.45 + 0.55 * (k + 1) / len(arms),
+                  edgecolor="white", linewidth=0.4)
+    right.set_xticks(range(len(names)), names)
+    right.set_ylim(0, 100)
+    right.set_ylabel("IoU (x100)")
+    right.set_title("IoU per class")
+    right.legend(fontsize=7, ncol=2, frameon=False)
+    fig.tight_layout()
+    return fig
+
+
+def plot_segmenter(summary: dict, path) -> None:
+    """The synthetic-to-real experiment's figure: mIoU per training set and IoU per class, as a PNG."""
+    plt = _pyplot()
+    fig = segmenter_figure(summary)
     fig.savefig(path, dpi=120)
     plt.close(fig)

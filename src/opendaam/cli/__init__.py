@@ -13,7 +13,7 @@ Exit codes (every command):
 Errors are one line on stderr, ``opendaam <command>: error: ...``, without a Python traceback.
 
 Verbosity (every command, before or after the command name): by default the progress bars and warnings
-of diffusers, transformers and huggingface_hub are silenced (opendaam's own progress bars stay); ``-v``
+of diffusers, transformers, datasets and huggingface_hub are silenced (opendaam's own progress bars stay); ``-v``
 shows them, ``-q`` also hides opendaam's progress bars.
 """
 
@@ -39,7 +39,8 @@ _CLI_TERMS = (
 )
 """Library phrases and the command-line words for them."""
 
-_MODULE_EXTRA = {"matplotlib": "eval", "yaml": "dataset", "pycocotools": "dataset", "accelerate": "dataset",
+_MODULE_EXTRA = {"matplotlib": "eval", "yaml": "dataset", "pycocotools": "dataset", "scipy": "dataset",
+                 "accelerate": "dataset",
                  "datasets": "huggingface"}
 
 
@@ -77,6 +78,8 @@ def set_verbosity(level: int) -> None:
     os.environ["TRANSFORMERS_VERBOSITY"] = "error" if quiet else "warning"
     os.environ["DIFFUSERS_VERBOSITY"] = "error" if quiet else "warning"
     os.environ["TRANSFORMERS_NO_ADVISORY_WARNINGS"] = "1" if quiet else "0"
+    os.environ["HF_DATASETS_DISABLE_PROGRESS_BARS"] = "1" if quiet else "0"  # read when datasets is imported
+    os.environ["DATASETS_VERBOSITY"] = "error" if quiet else "warning"
     import diffusers.utils.logging as dlog
     import transformers.utils.logging as tlog
 

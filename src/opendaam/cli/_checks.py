@@ -38,6 +38,7 @@ EXTRAS = {
     "matplotlib": ("eval", "plots"),
     "yaml": ("dataset", "YAML dataset specs"),
     "pycocotools": ("dataset", "the COCO export"),
+    "scipy": ("dataset", "the COCO export's instances"),
     "accelerate": ("dataset", "runs under accelerate launch"),
     "datasets": ("huggingface", "the Hugging Face export"),
 }

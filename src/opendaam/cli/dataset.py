@@ -93,15 +93,16 @@ def run(args) -> int:
 
 
 def needed_extras(spec_path: str | Path, formats=()) -> list[str]:
-    """The optional modules generating a spec needs: pyyaml for YAML specs, pycocotools for the COCO export,
-    datasets for the Hugging Face export, accelerate when started by ``accelerate launch``.
+    """The optional modules generating a spec needs: pyyaml for YAML specs, pycocotools and scipy for the COCO
+    export, datasets for the Hugging Face export, accelerate when started by ``accelerate launch``.
 
     Examples:
         >>> needed_extras("spec.toml", ["coco", "huggingface"])
-        ['pycocotools', 'datasets']
+        ['pycocotools', 'scipy', 'datasets']
     """
     modules = [] if Path(spec_path).suffix == ".toml" else ["yaml"]
-    modules += [m for fmt, m in (("coco", "pycocotools"), ("huggingface", "datasets")) if fmt in formats]
+    needs = {"coco": ("pycocotools", "scipy"), "huggingface": ("datasets",)}
+    modules += [m for fmt in ("coco", "huggingface") if fmt in formats for m in needs[fmt]]
     if "ACCELERATE_MIXED_PRECISION" in os.environ:
         modules.append("accelerate")
     return modules
