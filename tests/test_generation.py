@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from test_experiments import BoxAnnotator
 
 from opendaam.experiments import Item as ExperimentItem
 from opendaam.experiments import generate_items, load_items
@@ -97,11 +98,17 @@ def test_a_crash_mid_item_leaves_no_marker_and_the_rerun_redoes_only_that_item(t
         assert (crashed / f"{key}.png").read_bytes() == (reference / f"{key}.png").read_bytes()
 
 
-def test_img2img_gets_the_init_image_and_strength(tiny_pipe):
+@pytest.fixture(scope="module")
+def pipe(tiny_pipe):
+    """The tiny pipeline as image-to-image."""
     from diffusers import StableDiffusionImg2ImgPipeline
 
-    pipe = StableDiffusionImg2ImgPipeline(**tiny_pipe.components)
-    pipe.set_progress_bar_config(disable=True)
+    img2img = StableDiffusionImg2ImgPipeline(**tiny_pipe.components)
+    img2img.set_progress_bar_config(disable=True)
+    return img2img
+
+
+def test_img2img_gets_the_init_image_and_strength(pipe):
     scene = Image.fromarray(np.full((32, 32, 3), 90, np.uint8))
     made = []
     generate_traced(pipe, ITEMS[:1], made.append, config=CONFIG, call={"num_inference_steps": 4},
@@ -122,30 +129,9 @@ def test_item_keys_and_single_class():
     assert isinstance(experiment, Item) and experiment.key == "car_3" and experiment.classes == ("car",)
 
 
-class Box:
-    """Init image and mask of a grey scene with a box."""
-
-    strength = 0.6
-
-    def init_image(self, cls, seed):
-        array = np.full((32, 32, 3), 120, dtype=np.uint8)
-        array[8 + seed % 4 : 24, 4:20] = (200, 40, 40)
-        return Image.fromarray(array)
-
-    def mask(self, cls, seed, size):
-        mask = np.zeros(size, dtype=bool)
-        mask[8 + seed % 4 : 24, 4:20] = True
-        return mask
-
-
-def test_experiment_items_resume_to_the_same_bytes(tiny_pipe, tmp_path):
-    from diffusers import StableDiffusionImg2ImgPipeline
-
-    pipe = StableDiffusionImg2ImgPipeline(**tiny_pipe.components)
-    pipe.set_progress_bar_config(disable=True)
-    out = tmp_path / "data"
-    items = generate_items(pipe, out, ("car", "traffic light"), 2, annotator=Box(), call={"num_inference_steps": 2},
-                           progress=False)
+def test_experiment_items_resume_to_the_same_bytes(pipe, tmp_path):
+    out, classes, call = tmp_path / "data", ("car", "traffic light"), {"num_inference_steps": 2}
+    items = generate_items(pipe, out, classes, 2, annotator=BoxAnnotator(), call=call, progress=False)
     assert [i.id for i in items] == ["car_0", "car_1", "traffic_light_0", "traffic_light_1"]
     assert [i.index for i in items] == [0, 1, 2, 3] and load_items(out) == items
     listing = json.loads((out / "items.json").read_text())
@@ -156,7 +142,6 @@ def test_experiment_items_resume_to_the_same_bytes(tiny_pipe, tmp_path):
     before = {p.relative_to(out): p.read_bytes() for p in out.rglob("*") if p.is_file()}
     (out / items[2].record).unlink()  # as if killed before the record (the finished marker) was written
     (out / items[2].image).unlink()
-    generate_items(pipe, out, ("car", "traffic light"), 2, annotator=Box(), call={"num_inference_steps": 2},
-                   progress=False)
+    generate_items(pipe, out, classes, 2, annotator=BoxAnnotator(), call=call, progress=False)
     after = {p.relative_to(out): p.read_bytes() for p in out.rglob("*") if p.is_file()}
     assert after == before  # the regenerated record does not depend on how many items the rerun skipped
