@@ -28,10 +28,11 @@ from torch import Tensor
 from opendaam import generation
 from opendaam._io import atomic_write_with
 from opendaam.cache import load_record
+from opendaam.generation import Generated, generate_traced
 from opendaam.heatmaps import heatmaps
 from opendaam.metrics import curve_summary, default_thresholds, iou_score, mean_iou, percentile_band, threshold_curve
 from opendaam.optimize import OptimizedToken, optimize_token
-from opendaam.tracing import Record
+from opendaam.tracing import Record, TraceConfig
 from opendaam.tracing.adapters import flow_order
 
 __all__ = [
@@ -77,6 +78,7 @@ class Item(generation.Item):
         ('car_3', 'car', 'car_3', ('car',), 'a {} in an urban environment')
     """
 
+    # __init__ sets all three; the defaults only let them follow the base's defaulted field
     record: str = ""  # record file
     mask: str = ""  # binary mask PNG at image size
     image: str = ""  # generated image PNG
@@ -154,9 +156,6 @@ def generate_items(
         template: prompt template with one ``{}`` for the class.
         progress: show a progress bar.
     """
-    from opendaam.generation import Generated, generate_traced
-    from opendaam.tracing import TraceConfig
-
     out = Path(out)
     items = []
     for cls in classes:
