@@ -55,6 +55,6 @@ def test_early_layers_import_no_later_one():
              "opendaam.viz", "opendaam.report", "opendaam.replay", "opendaam.refine"}
     for early in ("opendaam.attention", "opendaam.models", "opendaam.tracing.adapters", "opendaam.tracing.hooks",
                   "opendaam.tracing.recorders", "opendaam.tracing.records", "opendaam.tracing.tracer",
-                  "opendaam.metrics", "opendaam.cache"):
+                  "opendaam.metrics", "opendaam.cache", "opendaam.generation"):
         bad = {m for m in graph[early] if any(m == x or m.startswith(x + ".") for x in later)}
         assert not bad, f"{early} imports later modules {sorted(bad)}"

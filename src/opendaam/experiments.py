@@ -9,7 +9,8 @@
 Baselines are always available beside the methods: the class prior (mean training mask of the class used
 as a heatmap), a centred box of the prior's mean area, and random maps.
 
-Seventh layer of opendaam: imports models, tracing, cache, heatmaps, optimize and metrics; never viz or cli.
+Seventh layer of opendaam: imports models, tracing, generation, cache, heatmaps, optimize and metrics; never
+viz or cli.
 """
 
 from __future__ import annotations
@@ -24,12 +25,14 @@ import torch
 from PIL import Image
 from torch import Tensor
 
+from opendaam import generation
 from opendaam._io import atomic_write_with
 from opendaam.cache import load_record
+from opendaam.generation import Generated, generate_traced
 from opendaam.heatmaps import heatmaps
 from opendaam.metrics import curve_summary, default_thresholds, iou_score, mean_iou, percentile_band, threshold_curve
 from opendaam.optimize import OptimizedToken, optimize_token
-from opendaam.tracing import Record, trace
+from opendaam.tracing import Record, TraceConfig
 from opendaam.tracing.adapters import flow_order
 
 __all__ = [
@@ -63,17 +66,38 @@ CONTROL_WORD = "environment"
 """A word of the template that names no object: its DAAM map is a baseline a class word must beat."""
 
 
-@dataclass(frozen=True)
-class Item:
-    """One image of an experiment: its class, prompt, seed and files (paths relative to the dataset root)."""
+@dataclass(frozen=True, init=False)
+class Item(generation.Item):
+    """One image of an experiment: a single-class :class:`opendaam.generation.Item` with its files (paths
+    relative to the dataset root, or absolute).
 
-    id: str  # "<class>_<seed>" with spaces as underscores
-    cls: str  # class name, the word mapped by DAAM
-    prompt: str  # the generating prompt
-    seed: int  # generator seed (and the annotator's scene seed)
-    record: str  # record file
-    mask: str  # binary mask PNG at image size
-    image: str  # generated image PNG
+    Examples:
+        >>> item = Item("car_3", "car", "a car in an urban environment", 3, "records/car_3.safetensors",
+        ...             "masks/car_3.png", "images/car_3.png")
+        >>> item.id, item.cls, item.key, item.classes, item.template
+        ('car_3', 'car', 'car_3', ('car',), 'a {} in an urban environment')
+    """
+
+    # __init__ sets all three; the defaults only let them follow the base's defaulted field
+    record: str = ""  # record file
+    mask: str = ""  # binary mask PNG at image size
+    image: str = ""  # generated image PNG
+
+    def __init__(self, id: str, cls: str, prompt: str, seed: int, record: str, mask: str, image: str, *,
+                 index: int = 0, template: str = TEMPLATE):
+        super().__init__(index, prompt, template, seed, (cls,), stem=id)
+        for name, value in (("record", record), ("mask", mask), ("image", image)):
+            object.__setattr__(self, name, value)  # frozen: the generated __init__ sets fields the same way
+
+    def entry(self) -> dict:
+        """The item as listed in ``items.json``.
+
+        Examples:
+            >>> Item("car_3", "car", "a car", 3, "r", "m", "i").entry()
+            {'id': 'car_3', 'cls': 'car', 'prompt': 'a car', 'seed': 3, 'record': 'r', 'mask': 'm', 'image': 'i'}
+        """
+        return {"id": self.id, "cls": self.cls, "prompt": self.prompt, "seed": self.seed, "record": self.record,
+                "mask": self.mask, "image": self.image}
 
 
 class ToyWorldAnnotator:
@@ -132,36 +156,30 @@ def generate_items(
         template: prompt template with one ``{}`` for the class.
         progress: show a progress bar.
     """
-    from tqdm.auto import tqdm
-
     out = Path(out)
-    call = dict(call or {})
-    todo = [(cls, seed0 + k) for cls in classes for k in range(per_class)]
     items = []
-    bar = tqdm(todo, desc="generate", disable=not progress)
-    for cls, seed in bar:
-        iid = f"{cls.replace(' ', '_')}_{seed}"
-        item = Item(id=iid, cls=cls, prompt=template.format(cls), seed=seed, record=f"records/{iid}.safetensors",
-                    mask=f"masks/{iid}.png", image=f"images/{iid}.png")
-        items.append(item)
-        if (out / item.record).exists():
-            continue
-        options = dict(call)
+    for cls in classes:
+        for seed in range(seed0, seed0 + per_class):
+            iid = f"{cls.replace(' ', '_')}_{seed}"
+            items.append(Item(iid, cls, template.format(cls), seed, f"records/{iid}.safetensors", f"masks/{iid}.png",
+                              f"images/{iid}.png", index=len(items), template=template))
+
+    def write(done: Generated) -> None:
+        item = done.item
+        atomic_write_with(out / item.image, lambda p: Image.fromarray(done.image).save(p, format="PNG"))
         if annotator is not None:
-            options["image"] = annotator.init_image(cls, seed)
-            options["strength"] = annotator.strength
-        with trace(pipe, prompt=item.prompt, queries=True, daam_per_step=True,
-                   meta={"class": cls, "seed": seed, "id": iid}) as tracer:
-            result = pipe(item.prompt, generator=torch.Generator().manual_seed(seed), output_type="pil", **options)
-        record = tracer.records[0]
-        image = result.images[0]
-        atomic_write_with(out / item.image, lambda p, im=image: im.save(p, format="PNG"))
-        if annotator is not None:
-            mask = annotator.mask(cls, seed, record.image_size)
-            atomic_write_with(out / item.mask, lambda p, m=mask: Image.fromarray(m.astype(np.uint8) * 255).save(
+            mask = annotator.mask(item.cls, item.seed, done.record.image_size)
+            atomic_write_with(out / item.mask, lambda p: Image.fromarray(mask.astype(np.uint8) * 255).save(
                 p, format="PNG"))
-        atomic_write_with(out / item.record, lambda p, r=record: r.save(p))
-    manifest = {"items": [asdict(i) for i in items], "template": template, "classes": list(classes)}
+        done.record.save(out / item.record)  # last: an item whose record exists is finished
+
+    scenes = {} if annotator is None else {  # img2img from the annotator's rendered scene
+        "init_image": lambda item: annotator.init_image(item.cls, item.seed), "strength": annotator.strength}
+    generate_traced(pipe, items, write, config=TraceConfig(queries=True, daam_per_step=True), call=call,
+                    finished=lambda item: (out / item.record).exists(),
+                    meta=lambda item: {"class": item.cls, "seed": item.seed, "id": item.id}, progress=progress,
+                    **scenes)
+    manifest = {"items": [i.entry() for i in items], "template": template, "classes": list(classes)}
     atomic_write_with(out / "items.json", lambda p: p.write_text(json.dumps(manifest, indent=1)))
     return items
 
@@ -175,7 +193,9 @@ def load_items(root: str | Path) -> list[Item]:
     root = Path(root)
     if not (root / "items.json").exists():
         raise FileNotFoundError(f"{root} has no items.json; make it with generate_items or opendaam experiment")
-    items = [Item(**d) for d in json.loads((root / "items.json").read_text())["items"]]
+    listing = json.loads((root / "items.json").read_text())
+    template = listing.get("template", TEMPLATE)
+    items = [Item(**d, index=i, template=template) for i, d in enumerate(listing["items"])]
     missing = [i.id for i in items if not (root / i.record).exists() or not (root / i.mask).exists()]
     if missing:
         raise FileNotFoundError(f"records or masks missing for items: {', '.join(missing)}")

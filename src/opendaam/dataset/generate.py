@@ -21,7 +21,6 @@ import functools
 import hashlib
 import json
 import os
-import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -42,7 +41,8 @@ from opendaam.dataset.io import (
     read_manifest,
 )
 from opendaam.dataset.labels import adaptive_label_map, label_map, mask_stats
-from opendaam.dataset.spec import DatasetSpec, Item, SpecError, expand_items, spec_hash, spec_to_dict
+from opendaam.dataset.spec import DatasetSpec, SpecError, expand_items, spec_hash, spec_to_dict
+from opendaam.generation import Generated, Item, generate_traced
 
 __all__ = [
     "DATASET_FORMAT",
@@ -453,36 +453,32 @@ def _check_refine_layers(spec: DatasetSpec, pipe) -> None:
 
 def _generate_items(spec: DatasetSpec, out: Path, pipe, todo: list[Item], call: dict, digest: str,
                     manifest: Path, shard: Shard, progress: bool) -> None:
-    """The generation loop: generate, label, write files, then append the manifest line."""
-    from tqdm.auto import tqdm
-
-    from opendaam.tracing import TraceConfig, trace
+    """The generation loop (:func:`opendaam.generation.generate_traced`) with this dataset's writer."""
+    from opendaam.tracing import TraceConfig
 
     config = TraceConfig(daam=spec.method == "daam", queries=spec.method == "open_vocab",
                          linear=spec.method == "linear",
                          self_attention=spec.refine.layers if spec.refine is not None else None)
     queries = _class_queries(spec, pipe)
     ids = {c["name"]: c["id"] for c in class_table(spec)}
+    provenance: dict = {}  # filled from the first record: every item shares it
+
+    def write(done: Generated) -> None:
+        if not provenance:
+            provenance.update(_provenance(spec, digest, call, pipe, done.record))
+        _write_item(spec, out, pipe, done, manifest, queries, ids, provenance)
+
     desc = "dataset" if shard.world == 1 else f"dataset {shard.rank}/{shard.world}"
-    bar = tqdm(todo, desc=desc, unit="img", disable=not progress, file=sys.stderr, dynamic_ncols=True)
-    provenance = None
-    with trace(pipe, config) as tracer:  # one trace for the loop: installing it walks the whole U-Net
-        for item in bar:
-            provenance = _generate_item(spec, out, pipe, tracer, item, call, digest, manifest, queries, ids,
-                                        provenance)
+    generate_traced(pipe, todo, write, config=config, call=call, desc=desc, progress=progress,
+                    meta=lambda item: {"seed": item.seed, "dataset_index": item.index})
 
 
-def _generate_item(spec: DatasetSpec, out: Path, pipe, tracer, item: Item, call: dict, digest: str, manifest: Path,
-                   queries: dict[str, list], ids: dict[str, int], provenance: dict | None) -> dict:
-    """Generate, label and write one item, then append its manifest line; returns the shared provenance."""
+def _write_item(spec: DatasetSpec, out: Path, pipe, done: Generated, manifest: Path, queries: dict[str, list],
+                ids: dict[str, int], provenance: dict) -> None:
+    """Label and write one generated item, then append its manifest line (last: it marks the item finished)."""
+    item, record = done.item, done.record
     low, high = spec.thresholds.low, spec.thresholds.high
-    start = time.perf_counter()
-    generator = torch.Generator().manual_seed(item.seed)
-    tracer.next(prompt=item.prompt, meta={"seed": item.seed, "dataset_index": item.index})
-    result = pipe(item.prompt, generator=generator, output_type="np", **call)
-    record = tracer.pop_records()[0]
     generated = time.perf_counter()
-
     scores = class_scores(record, spec, item.classes, queries, pipe)  # (classes, H, W) float16
     item_ids = [ids[name] for name in item.classes]
     if spec.thresholds.mode == "adaptive":
@@ -491,16 +487,13 @@ def _generate_item(spec: DatasetSpec, out: Path, pipe, tracer, item: Item, call:
     else:
         labels = label_map(scores.astype(np.float32), item_ids, low, high)  # (H, W) uint8
     stats = mask_stats(labels, scores, item_ids, item.classes)
-    image = (np.clip(result.images[0], 0.0, 1.0) * 255).round().astype(np.uint8)  # (H, W, 3)
     labelled = time.perf_counter()
 
     files = item_files(item.key)
     label_png = png_bytes(labels, _palette(spec))  # palette PNG: the ids stay, viewers see Cityscapes colours
-    atomic_write(out / files["image"], png_bytes(image))
+    atomic_write(out / files["image"], png_bytes(done.image))
     atomic_write(out / files["maps"], npz_bytes(dict(zip(item.classes, scores, strict=True))))
     atomic_write(out / files["label"], label_png)
-    if provenance is None:
-        provenance = _provenance(spec, digest, call, pipe, record)
     total = labels.size
     entry = {
         "index": item.index, "key": item.key, "prompt": item.prompt, "template": item.template,
@@ -511,7 +504,6 @@ def _generate_item(spec: DatasetSpec, out: Path, pipe, tracer, item: Item, call:
         "provenance": provenance,
     }
     written = time.perf_counter()
-    entry[TIMING_KEY] = {"generate_s": round(generated - start, 4), "label_s": round(labelled - generated, 4),
+    entry[TIMING_KEY] = {"generate_s": round(done.seconds, 4), "label_s": round(labelled - generated, 4),
                          "write_s": round(written - labelled, 4)}
     append_line(manifest, entry)  # last: the item counts as finished only once its files exist
-    return provenance

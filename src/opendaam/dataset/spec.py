@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from opendaam.dataset.cityscapes import CITYSCAPES_IDS
+from opendaam.generation import Item
 
 __all__ = [
     "MAX_ITEMS",
@@ -191,27 +192,6 @@ class DatasetSpec:
             return None
         path = Path(cls.token).expanduser()
         return path if path.is_absolute() else Path(self.base_dir) / path
-
-
-@dataclass(frozen=True)
-class Item:
-    """One image to generate: a rendered prompt, a seed, and the classes labelled in it."""
-
-    index: int  # position in the dataset; names the files (000042.png)
-    prompt: str  # rendered prompt given to the pipeline
-    template: str  # the template it came from
-    seed: int  # generator seed
-    classes: tuple[str, ...]  # classes named in the prompt, in label-id order
-
-    @property
-    def key(self) -> str:
-        """File stem of the item, e.g. ``'000042'``.
-
-        Examples:
-            >>> Item(42, "a car", "a {car}", 0, ("car",)).key
-            '000042'
-        """
-        return f"{self.index:06d}"
 
 
 # -- validation ---------------------------------------------------------------------------------------
