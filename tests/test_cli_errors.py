@@ -114,6 +114,11 @@ CASES = [  # (argv builder, exit code, message part)
      "--k must be an integer >= 1"),
     (lambda f, o: ["toyworld", "render", "--seed", "-1", "--out", o], 2, "--seed must be an integer >= 0"),
     (lambda f, o: ["experiment", "thesis", "--per-class", "0", "--out", o], 2, "--per-class must be an integer >= 1"),
+    (lambda f, o: ["experiment", "segmenter", "--few-real", "0", "--out", o], 2, "--few-real must be an integer"),
+    (lambda f, o: ["experiment", "segmenter", "--tokens", str(f / "masks"), "--out", o], 2,
+     "no token file for car ("),
+    (lambda f, o: ["experiment", "segmenter", "--model", "org/some-model", "--out", o], 2,
+     "the segmenter experiment scores on the toy world's rendered scenes: use --model toy-urban"),
     (lambda f, o: ["evaluate", "--records", str(f / "bad-records" / "pickle"), "--masks", str(f / "masks"), "--out",
                    o], 2, "not an opendaam record:"),
 ]
@@ -155,6 +160,12 @@ def test_missing_extra_exits_1_with_the_install_line(files, tmp_path, capsys, mo
                                                "pip install 'opendaam[eval]'")
     assert main(["experiment", "thesis", "--out", str(out)]) == 1
     assert "pip install 'opendaam[eval]'" in capsys.readouterr().err
+    monkeypatch.setattr(checks.importlib.util, "find_spec",
+                        lambda name, *a: None if name == "datasets" else real(name, *a))
+    assert main(["experiment", "segmenter", "--out", str(out)]) == 1
+    assert capsys.readouterr().err.strip() == (
+        "opendaam experiment: error: opendaam experiment segmenter needs datasets (the Hugging Face export): "
+        "pip install 'opendaam[huggingface]'")
     assert not out.exists()
 
 
@@ -187,6 +198,7 @@ def test_a_plain_install_never_ends_in_a_traceback(files, tmp_path):
         ("evaluate", "--records", str(files / "records"), "--masks", str(files / "masks"), "--out",
          str(tmp_path / "e")): (1, "pip install 'opendaam[eval]'"),
         ("experiment", "thesis", "--out", str(tmp_path / "x")): (1, "pip install 'opendaam[eval]'"),
+        ("experiment", "segmenter", "--out", str(tmp_path / "s")): (1, "'opendaam[huggingface]'"),
         ("dataset", "check", str(spec)): (1, "pycocotools (the COCO export): pip install 'opendaam[dataset]'"),
         ("dataset", "generate", str(spec), "--out", str(tmp_path / "d")): (1, "pip install 'opendaam[dataset]'"),
         ("dataset", "generate", str(toml), "--out", str(tmp_path / "t")): (1, "pycocotools (the COCO export)"),

@@ -52,7 +52,7 @@ def test_no_import_cycles():
 def test_early_layers_import_no_later_one():
     graph = _imports()
     later = {"opendaam.heatmaps", "opendaam.optimize", "opendaam.experiments", "opendaam.dataset", "opendaam.cli",
-             "opendaam.viz", "opendaam.report", "opendaam.replay", "opendaam.refine"}
+             "opendaam.viz", "opendaam.report", "opendaam.replay", "opendaam.refine", "opendaam.segmenter"}
     for early in ("opendaam.attention", "opendaam.models", "opendaam.tracing.adapters", "opendaam.tracing.hooks",
                   "opendaam.tracing.recorders", "opendaam.tracing.records", "opendaam.tracing.tracer",
                   "opendaam.metrics", "opendaam.cache", "opendaam.generation"):

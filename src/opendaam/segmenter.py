@@ -97,7 +97,7 @@ class SegmenterConfig:
     strength: float = 0.5  # img2img strength of the token scenes (keeps their exact labels in place)
     train_steps: int = 1000  # optimizer steps of every arm: the same budget whatever the set's size
     batch: int = 16  # images per step
-    lr: float = 1e-3  # AdamW's peak rate, cosine decay to 0: trains the small SegFormer from scratch
+    lr: float = 3e-3  # AdamW's start rate, cosine decay to 0: beat 1e-3 on every arm tried (docs/segmenter.md)
     hidden_sizes: tuple[int, ...] = (32, 64, 128, 256)  # SegFormer-B0 widths; 1.6 M weights at depth 1
     depths: tuple[int, ...] = (1, 1, 1, 1)  # one block per stage: 64 px scenes need no depth
     decoder_size: int = 128  # the all-MLP decoder's width
