@@ -541,7 +541,7 @@ def segmenter_figure(summary: dict):
 
     colours = {"real_only": "#4c72b0", "synthetic_only": "#dd8452", "few_real": "#55a868",
                "few_real_plus_synthetic": "#8172b3"}
-    fig, (left, right) = plt.subplots(1, 2, figsize=(12, 4.2), gridspec_kw={"width_ratios": [1, 1.4]})
+    fig, (left, right) = plt.subplots(1, 2, figsize=(12, 5.0), gridspec_kw={"width_ratios": [1, 1.4]})
     values = [miou(arm) for arm in arms]
     bars = left.barh(range(len(arms)), values, color=[colours.get(a.partition("/")[0], "grey") for a in arms])
     left.bar_label(bars, fmt="%.1f", padding=2, fontsize=8)
@@ -561,7 +561,7 @@ def segmenter_figure(summary: dict):
     right.set_ylim(0, 100)
     right.set_ylabel("IoU (x100)")
     right.set_title("IoU per class")
-    right.legend(fontsize=7, ncol=2, frameon=False)
+    right.legend(fontsize=7, ncol=3, frameon=False, loc="upper center", bbox_to_anchor=(0.5, -0.1))  # below: no bar hidden
     fig.tight_layout()
     return fig
 
