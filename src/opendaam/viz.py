@@ -561,7 +561,8 @@ def segmenter_figure(summary: dict):
     right.set_ylim(0, 100)
     right.set_ylabel("IoU (x100)")
     right.set_title("IoU per class")
-    right.legend(fontsize=7, ncol=3, frameon=False, loc="upper center", bbox_to_anchor=(0.5, -0.1))  # below: no bar hidden
+    # below the axes, so that no bar is hidden behind it
+    right.legend(fontsize=7, ncol=3, frameon=False, loc="upper center", bbox_to_anchor=(0.5, -0.1))
     fig.tight_layout()
     return fig
 
