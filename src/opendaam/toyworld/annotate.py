@@ -235,8 +235,9 @@ def evaluate_annotator(net: SegNet, seeds, vae=None) -> dict[str, float]:
     """Per-class IoU of the net on rendered scenes (through ``vae`` if given), plus ``"mIoU"``.
 
     Examples:
-        >>> sorted(evaluate_annotator(SegNet(), range(HELD_OUT_ANNOTATOR, HELD_OUT_ANNOTATOR + 2)))[:2]
-        ['bicycle', 'building']
+        >>> scores = evaluate_annotator(SegNet(), range(HELD_OUT_ANNOTATOR, HELD_OUT_ANNOTATOR + 2))
+        >>> "mIoU" in scores and all(0.0 <= v <= 1.0 for v in scores.values())
+        True
     """
     images, targets = _scenes(seeds)
     if vae is not None:
