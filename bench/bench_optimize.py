@@ -12,6 +12,11 @@ depend on values; no generation is needed), then times, in one process:
 * a straightforward loop-per-timestep reimplementation (Python loops over steps and layers each epoch,
   each map upsampled and summed, as OVAM's optimizer does), for both methods.
 
+With ``--int8-paths`` it times only the open-vocabulary epoch on the int8 cache, alternating in rounds
+between the native kernel's paths (AVX-512 VNNI where the CPU has it, portable AVX2) and torch's int8-weight
+matmul; run it again under ``ATEN_CPU_CAPABILITY=avx2`` to time torch's AVX2 kernels, as on a CPU without
+AVX-512.
+
 With ``--planted`` it measures what the optimizer finds instead (issue 16): on the bundled toy-urban model,
 masks thresholded (min-max normalized map >= 0.5) from a random planted embedding (linear) or object /
 background pair (open_vocab) on 5 images of each of 2 prompts; tokens start from "car", train on 3 images
@@ -23,6 +28,7 @@ Usage::
     python bench/bench_optimize.py --threads 1 --epochs 5 --out bench/results/optimize.json
     python bench/bench_optimize.py --threads 2 --epochs 7 --images 2 --out bench/results/optimize.json
     python bench/bench_optimize.py --planted --out bench/results/optimize_planted.json
+    ATEN_CPU_CAPABILITY=avx2 python bench/bench_optimize.py --threads 2 --int8-paths --rounds 5
 """
 
 from __future__ import annotations
@@ -219,6 +225,43 @@ def planted(methods: tuple[str, ...] = ("linear", "open_vocab"), seeds: int = 3,
     return out
 
 
+def int8_paths(records, pipe, epochs: int, rounds: int, mask) -> dict:
+    """Median seconds per epoch per image of the open-vocabulary epoch on int8 caches per path, the paths
+    alternated in each round (so a slow spell of the machine hits all of them)."""
+    from opendaam import _kernels
+
+    int8s = [int8_record(r) for r in records]
+    paths = {"torch": {"native": False}}
+    for isa in _kernels.ISAS:
+        if _kernels.available(isa):
+            paths[f"native_{isa}"] = {}
+    times = {name: [] for name in paths}
+    previous = os.environ.get("OPENDAAM_NATIVE")
+    try:
+        for _ in range(rounds):
+            for name, options in paths.items():
+                if name.startswith("native_"):
+                    os.environ["OPENDAAM_NATIVE"] = "avx2" if name == "native_avx2" else "1"
+                    assert _kernels.isa() == name.removeprefix("native_")
+                times[name].append(time_opendaam(int8s, pipe, "open_vocab", epochs, mask, **options))
+    finally:
+        if previous is None:
+            os.environ.pop("OPENDAAM_NATIVE", None)
+        else:
+            os.environ["OPENDAAM_NATIVE"] = previous
+    out = {"aten_cpu_capability": os.environ.get("ATEN_CPU_CAPABILITY", "default"),
+           "torch_cpu_capability": torch.backends.cpu.get_cpu_capability(), "rounds": rounds,
+           "s_per_epoch": {name: statistics.median(t) for name, t in times.items()},
+           "all_s_per_epoch": times}
+    med = out["s_per_epoch"]
+    for name in med:
+        if name != "torch":
+            out[f"speedup_{name}_over_torch"] = med["torch"] / med[name]
+    if "native_avx2" in med and "native_avx512" in med:
+        out["avx2_over_avx512"] = med["native_avx2"] / med["native_avx512"]
+    return out
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--threads", type=int, default=1)
@@ -234,6 +277,9 @@ def main() -> None:
     parser.add_argument("--planted", action="store_true", help="measure recovery of planted tokens instead")
     parser.add_argument("--methods", nargs="+", default=["linear", "open_vocab"], help="with --planted")
     parser.add_argument("--options", default="{}", help="with --planted: optimize_token options as JSON")
+    parser.add_argument("--int8-paths", action="store_true",
+                        help="time only the open-vocabulary int8 epoch per kernel path, alternated in rounds")
+    parser.add_argument("--rounds", type=int, default=5, help="with --int8-paths")
     args = parser.parse_args()
     if args.device != "cpu":
         parser.error(f"--device {args.device}: opendaam optimizes tokens on the CPU, where records live (the "
@@ -262,11 +308,18 @@ def main() -> None:
         "size": args.size, "latent": [h, w], "text_dim": record.meta["text_dim"], "calls": args.calls,
         "threads": args.threads, "device": args.device, "epochs": args.epochs, "images": args.images,
     }
+    if args.int8_paths:
+        result.update(int8_paths(records, pipe, args.epochs, args.rounds, mask))
+        add_run(args.out, f"int8_paths_{result['aten_cpu_capability']}_{args.threads}threads_"
+                f"{datetime.now(timezone.utc):%Y-%m-%dT%H%M}", result)
+        print(json.dumps(result, indent=2))
+        return
     result["linear_s_per_epoch"] = time_opendaam(records, pipe, "linear", args.epochs * 20, mask)
     result["open_vocab_s_per_epoch"] = time_opendaam(records, pipe, "open_vocab", args.epochs, mask)
     from opendaam import _kernels
 
     result["native_kernels"] = _kernels.available()
+    result["native_isa"] = _kernels.isa()
     int8s = [int8_record(r) for r in records]
     int8 = int8s[0]
     result["open_vocab_int8_s_per_epoch"] = time_opendaam(int8s, pipe, "open_vocab", args.epochs, mask)

@@ -70,36 +70,48 @@ def test_open_vocab_optimization(records, tiny_pipe):
     assert _iou(got, torch.as_tensor(targets[1])) > 0.8
 
 
-def _native_expected() -> bool:
-    """This machine can build the native kernels: x86-64 with AVX-512 VNNI and a C compiler."""
-    import platform
-    import shutil
-
-    try:
-        flags = open("/proc/cpuinfo").read()
-    except OSError:
-        return False
-    return (platform.machine() == "x86_64" and "avx512_vnni" in flags and "avx512bw" in flags
-            and (shutil.which("cc") or shutil.which("gcc")) is not None)
+_PATH_FLAGS = {"avx512": ("avx512bw", "avx512vl", "avx512_vnni"), "avx2": ("avx2", "fma", "f16c")}
 
 
-def _no_native_reason() -> str:
-    """Why the native kernel cannot run here, naming the CPU and the flags it lacks."""
-    import platform
-    import shutil
-
+def _cpu() -> tuple[str, set[str]]:
+    """This CPU's model name and feature flags ('' and none where /proc/cpuinfo is missing)."""
     try:
         info = open("/proc/cpuinfo").read()
     except OSError:
-        return f"no /proc/cpuinfo on {platform.machine()}: the native kernel needs x86-64 AVX-512 VNNI"
+        return "", set()
     model = next((line.split(":", 1)[1].strip() for line in info.splitlines() if line.startswith("model name")), "?")
     flags = next((set(line.split(":", 1)[1].split()) for line in info.splitlines() if line.startswith("flags")),
                  set())
-    missing = [f for f in ("avx512bw", "avx512_vnni") if f not in flags]
-    has = [f for f in ("avx2", "avx512f", "avx512bw", "avx512_vnni", "amx_int8") if f in flags]
+    return model, flags
+
+
+def _native_expected(path: str | None = None) -> bool:
+    """This machine can build the native kernels' ``path`` (None: either): x86-64 with its flags and a C
+    compiler."""
+    import platform
+    import shutil
+
+    _, flags = _cpu()
+    paths = [path] if path else list(_PATH_FLAGS)
+    return (platform.machine() == "x86_64" and (shutil.which("cc") or shutil.which("gcc")) is not None
+            and any(all(f in flags for f in _PATH_FLAGS[p]) for p in paths))
+
+
+def _no_native_reason(path: str | None = None) -> str:
+    """Why the native kernel (``path``, None: any) cannot run here, naming the CPU and the flags it lacks."""
+    import platform
+    import shutil
+
+    model, flags = _cpu()
+    if not model:
+        return f"no /proc/cpuinfo on {platform.machine()}: the native kernels need x86-64 AVX2 or AVX-512 VNNI"
+    wanted = _PATH_FLAGS[path] if path else _PATH_FLAGS["avx2"]
+    missing = [f for f in wanted if f not in flags]
+    has = [f for f in ("avx2", "fma", "f16c", "avx512f", "avx512bw", "avx512vl", "avx512_vnni", "amx_int8")
+           if f in flags]
     compiler = "" if (shutil.which("cc") or shutil.which("gcc")) else "; no C compiler"
-    return (f"native kernel not run: CPU {model!r} ({platform.machine()}) has {', '.join(has) or 'none'} of "
-            f"the relevant flags, lacks {', '.join(missing) or 'none'}{compiler}")
+    return (f"native kernel ({path or 'any path'}) not run: CPU {model!r} ({platform.machine()}) has "
+            f"{', '.join(has) or 'none'} of the relevant flags, lacks {', '.join(missing) or 'none'}{compiler}")
 
 
 @pytest.mark.parametrize("kernel", ["native", "torch int8 matmul"])
@@ -121,6 +133,7 @@ def test_open_vocab_int8_kernels_match_float_objective(records, tiny_pipe, sourc
         if not _native_expected():
             pytest.skip(_no_native_reason())
         assert _kernels.available()  # where it can build, the suite must exercise the native path
+        print(f"native kernel path: {_kernels.isa()}, AMX tiles: {_kernels.amx()}")
     else:
         assert _int8_kernel_ok()  # torch 2.13 CPU has the op; the suite must exercise the int8 path
     if source == "int8 record":
@@ -213,18 +226,22 @@ def test_open_vocab_objective_equals_heatmaps(records, tiny_pipe, queries):
         assert (got[i] - want).abs().mean() < 3e-3 * float(want.abs().max())
 
 
-@pytest.mark.parametrize("amx", [True, False])
+_SHAPES = [(2, 3, 16, 16), (3, 2, 5, 40), (4, 31, 64, 64), (1, 2, 300, 80), (2, 1, 7, 128), (1, 67, 40, 32)]
+
+
+@pytest.mark.parametrize("isa", ["avx512", "avx2"])
 @pytest.mark.parametrize("threads", [1, 2])
-@pytest.mark.parametrize("shape", [(2, 3, 16, 16), (3, 2, 5, 40), (4, 31, 64, 64), (1, 2, 300, 80), (2, 1, 7, 128),
-                                   (1, 67, 40, 32)])
-def test_native_kernels_match_float64_reference(shape, threads, amx):
+@pytest.mark.parametrize("shape", _SHAPES)
+def test_native_kernels_match_float64_reference(shape, threads, isa):
     """The fused kernel's map and Jacobian against einsums in float64, and the gradient ``g @ jac`` against
-    the gradient summed row by row: head sizes with an odd number of 16-element chunks, pixel counts that are
-    not multiples of 16, an odd number of steps, and more steps than the kernel keeps weights for at once."""
+    the gradient summed row by row, on each path (AVX-512 VNNI, portable AVX2; AMX tiles equal VNNI bit for
+    bit, tested below): head sizes with an odd number of 16-element chunks, pixel counts that are not
+    multiples of 16, an odd number of steps, and more steps than the kernel keeps weights for at once."""
     from opendaam import _kernels
 
-    if not _native_expected():
-        pytest.skip(_no_native_reason())
+    if not _native_expected(isa):
+        pytest.skip(_no_native_reason(isa))
+    assert _kernels.available(isa)  # where it can build, the suite must exercise this path
     heads, steps, n, d = shape
     gen = torch.Generator().manual_seed(sum(shape))
     codes = torch.randint(-127, 128, (heads, steps * n, d), generator=gen, dtype=torch.int8)
@@ -241,10 +258,10 @@ def test_native_kernels_match_float64_reference(shape, threads, amx):
     old = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
-        got_map, jac = _kernels.int8_map(packed, v, amx=amx)
+        got_map, jac = _kernels.int8_map(packed, v, amx=False, isa=isa)
         buffer = torch.full(jac.shape, float("nan"), dtype=torch.float16)
-        again, jac2 = _kernels.int8_map(packed, v, jac=buffer, amx=amx)
-        (got_grad,) = _kernels.jac_grads([packed], [jac], [g])
+        again, jac2 = _kernels.int8_map(packed, v, jac=buffer, amx=False, isa=isa)
+        (got_grad,) = _kernels.jac_grads([packed], [jac], [g], isa=isa)
     finally:
         torch.set_num_threads(old)
     d16 = -(-d // 16) * 16
@@ -269,6 +286,37 @@ def test_native_kernels_match_float64_reference(shape, threads, amx):
         _kernels.jac_grads([packed], [jac], [g[:-1]])
 
 
+@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize("shape", _SHAPES)
+def test_native_avx2_and_avx512_paths_are_bit_identical(shape, threads):
+    """The portable AVX2 path computes the AVX-512 path's integers and floats in the same order: maps,
+    Jacobians and gradients equal bit for bit (any lane order, pairing or rounding slip would show)."""
+    from opendaam import _kernels
+
+    for isa in _kernels.ISAS:
+        if not _native_expected(isa):
+            pytest.skip(_no_native_reason(isa))
+    heads, steps, n, d = shape
+    gen = torch.Generator().manual_seed(11 + sum(shape))
+    codes = torch.randint(-127, 128, (heads, steps * n, d), generator=gen, dtype=torch.int8)
+    scales = (torch.rand(heads, steps * n, generator=gen) * 0.03).half()
+    v = torch.randn(heads, d, generator=gen) * 3
+    g = torch.randn(n, generator=gen)
+    packed = _kernels.pack(codes, scales, steps, n)
+    old = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        got = {}
+        for isa in _kernels.ISAS:
+            m, jac = _kernels.int8_map(packed, v, amx=False, isa=isa)
+            got[isa] = m, jac, _kernels.jac_grads([packed], [jac], [g], isa=isa)[0]
+    finally:
+        torch.set_num_threads(old)
+    assert got["avx2"][0].abs().sum() > 0 and got["avx2"][1].abs().sum() > 0  # not two empty results
+    for a, b in zip(got["avx512"], got["avx2"], strict=True):
+        assert torch.equal(a, b)
+
+
 @pytest.mark.parametrize("shape", [(2, 3, 16, 16), (3, 2, 5, 40), (4, 31, 64, 64), (1, 2, 30, 80),
                                    (2, 1, 7, 128), (1, 67, 40, 32)])
 def test_native_amx_and_vnni_paths_give_the_same_integers(shape):
@@ -276,8 +324,8 @@ def test_native_amx_and_vnni_paths_give_the_same_integers(shape):
     for bit (both quantize v to the same int16, so any tile configuration or lane error would show)."""
     from opendaam import _kernels
 
-    if not _native_expected():
-        pytest.skip(_no_native_reason())
+    if not _native_expected("avx512"):
+        pytest.skip(_no_native_reason("avx512"))
     if "amx_int8" not in open("/proc/cpuinfo").read():
         pytest.skip("no AMX on this CPU")
     assert _kernels.amx()  # where the CPU has it, the suite must exercise the tile path

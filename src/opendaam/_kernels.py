@@ -1,11 +1,13 @@
 """Native kernels for open-vocabulary token optimization on int8 query caches, compiled at first use.
 
-``assets/kernels/ov_int8.c`` (C with AVX-512 VNNI and AMX intrinsics) is compiled once per machine and source
-version with the system's C compiler (``$CC``, else ``cc`` or ``gcc``) into ``$OPENDAAM_CACHE`` (default
-``~/.cache/opendaam``), loaded with :mod:`ctypes` and checked against a float64 reference before first
-use. Without a compiler, on another CPU or with ``OPENDAAM_NATIVE=0``, :func:`available` is ``False`` and
-callers use torch. ctypes releases the GIL during a call, so ranges of pixels run in parallel threads when
-torch is allowed more than one.
+``assets/kernels/ov_int8.c`` (C with AVX-512 VNNI and AMX intrinsics, and a portable AVX2 path) is compiled
+once per machine and source version with the system's C compiler (``$CC``, else ``cc`` or ``gcc``) into
+``$OPENDAAM_CACHE`` (default ``~/.cache/opendaam``), loaded with :mod:`ctypes` and checked against a float64
+reference before first use. ``-march=native`` picks the AVX-512 path where the CPU has AVX-512 VNNI, else
+the AVX2 one (x86-64-v3: AVX2, FMA, F16C); both compute the same integers and the same floats, bit for bit.
+``OPENDAAM_NATIVE=avx2`` forces the AVX2 path; without a compiler, on another CPU or with
+``OPENDAAM_NATIVE=0``, :func:`available` is ``False`` and callers use torch. ctypes releases the GIL during a
+call, so ranges of pixels run in parallel threads when torch is allowed more than one.
 """
 
 from __future__ import annotations
@@ -29,9 +31,14 @@ from torch import Tensor
 
 from opendaam._io import temp_beside
 
-__all__ = ["Packed", "amx", "available", "int8_map", "int8_maps", "jac_grads", "pack", "pad16"]
+__all__ = ["ISAS", "Packed", "amx", "available", "int8_map", "int8_maps", "isa", "jac_grads", "pack", "pad16"]
 
-_FLAGS = ["-O3", "-march=native", "-fPIC", "-shared"]
+_FLAGS = ["-O3", "-fPIC", "-shared"]
+ISAS = ("avx512", "avx2")  # the kernel's paths: AVX-512 VNNI (+ AMX tiles where granted), and portable AVX2
+_ARCH = {  # compiler flags per build: the CPU's own (its best path), or x86-64-v3 for the AVX2 path anywhere
+    "native": ["-march=native"],
+    "avx2": ["-march=x86-64-v3", "-mtune=native"],
+}
 
 
 def _cache_dir() -> Path:
@@ -56,8 +63,9 @@ def _cpu_signature() -> str:
     return platform.machine() + "\n" + "\n".join(lines)
 
 
-def _compile(source: Path) -> Path | None:
-    """The shared library of ``source`` for this machine, compiled now unless cached; ``None`` if it fails."""
+def _compile(source: Path, arch: list[str]) -> Path | None:
+    """The shared library of ``source`` built with ``arch`` flags, compiled now unless cached; ``None`` if it
+    fails."""
     compiler = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
     if compiler is None:
         return None
@@ -65,7 +73,8 @@ def _compile(source: Path) -> Path | None:
         version = subprocess.run([compiler, "--version"], capture_output=True, text=True, timeout=30).stdout
     except (OSError, subprocess.SubprocessError):
         return None
-    key = hashlib.sha256(b"\0".join([source.read_bytes(), version.encode(), " ".join(_FLAGS).encode(),
+    flags = [*_FLAGS, *arch]
+    key = hashlib.sha256(b"\0".join([source.read_bytes(), version.encode(), " ".join(flags).encode(),
                                      _cpu_signature().encode()])).hexdigest()[:16]
     folder = _cache_dir()
     target = folder / f"{source.stem}-{key}.so"
@@ -79,7 +88,7 @@ def _compile(source: Path) -> Path | None:
         target = folder / target.name
     tmp = temp_beside(target)
     try:
-        done = subprocess.run([compiler, *_FLAGS, str(source), "-o", tmp], capture_output=True, text=True,
+        done = subprocess.run([compiler, *flags, str(source), "-o", tmp], capture_output=True, text=True,
                               timeout=300)
         if done.returncode != 0:
             return None
@@ -91,13 +100,29 @@ def _compile(source: Path) -> Path | None:
     return target
 
 
-@functools.cache
-def _library() -> ctypes.CDLL | None:
-    """The loaded and self-checked kernel library, or ``None`` when it cannot be used here."""
-    if os.environ.get("OPENDAAM_NATIVE", "1").lower() in ("0", "false", "no", "off"):
+def _library(isa: str | None = None) -> ctypes.CDLL | None:
+    """The kernel library of path ``isa`` (None: this machine's best, or what ``OPENDAAM_NATIVE`` says), or
+    ``None`` when it cannot be used here."""
+    if isa is None:
+        setting = os.environ.get("OPENDAAM_NATIVE", "1").lower()
+        if setting in ("0", "false", "no", "off"):
+            return None
+        isa = "avx2" if setting == "avx2" else None
+    elif isa not in ISAS:
+        raise ValueError(f"unknown kernel path {isa!r}; choose from {', '.join(ISAS)}")
+    if isa == "avx2":
+        return _load("avx2")
+    lib = _load("native")
+    if isa == "avx512" and lib is not None and lib.ov_isa() != 512:
         return None
+    return lib
+
+
+@functools.cache
+def _load(build: str) -> ctypes.CDLL | None:
+    """The loaded and self-checked library of one build (see ``_ARCH``), or ``None``."""
     with resources.as_file(resources.files("opendaam") / "assets" / "kernels" / "ov_int8.c") as source:
-        path = _compile(Path(source))
+        path = _compile(Path(source), _ARCH[build])
     if path is None:
         return None
     try:
@@ -107,7 +132,7 @@ def _library() -> ctypes.CDLL | None:
     pointer, size = ctypes.c_void_p, ctypes.c_int64
     lib.ov_int8_map.argtypes = [pointer, pointer, pointer, *[size] * 8, pointer, pointer, ctypes.c_float, size]
     lib.ov_jac_vm.argtypes = [pointer, pointer, size, size, size, pointer]
-    lib.ov_int8_map.restype = lib.ov_int8_amx.restype = lib.ov_jac_vm.restype = ctypes.c_int
+    lib.ov_int8_map.restype = lib.ov_int8_amx.restype = lib.ov_jac_vm.restype = lib.ov_isa.restype = ctypes.c_int
     if not _self_check(lib):
         warnings.warn("opendaam's native int8 kernels disagree with the float reference on this machine; "
                       "using torch instead", RuntimeWarning, stacklevel=2)
@@ -232,14 +257,27 @@ def amx() -> bool:
     return bool(lib is not None and lib.ov_int8_amx())
 
 
-def available() -> bool:
-    """Whether the native kernels compiled, loaded and passed their self-check on this machine.
+def available(isa: str | None = None) -> bool:
+    """Whether the native kernels (of path ``isa``, one of :data:`ISAS`; None: the default one) compiled,
+    loaded and passed their self-check on this machine.
 
     Examples:
-        >>> isinstance(available(), bool)
+        >>> isinstance(available(), bool), isinstance(available("avx2"), bool)
+        (True, True)
+    """
+    return _library(isa) is not None
+
+
+def isa() -> str | None:
+    """The path the kernels run by default here: ``"avx512"`` (VNNI, AMX tiles where :func:`amx`),
+    ``"avx2"``, or None (not available: callers use torch).
+
+    Examples:
+        >>> isa() in (*ISAS, None)
         True
     """
-    return _library() is not None
+    lib = _library()
+    return None if lib is None else ("avx512" if lib.ov_isa() == 512 else "avx2")
 
 
 def pad16(t: Tensor) -> Tensor:
@@ -310,7 +348,8 @@ def pack(codes: Tensor, scales: Tensor, steps: int, n: int) -> Packed:
     return Packed(codes=c, scales=sc, n=n, head_dim=d, jac_unit=unit)
 
 
-def int8_map(packed: Packed, v: Tensor, jac: Tensor | None = None, amx: bool = True) -> tuple[Tensor, Tensor]:
+def int8_map(packed: Packed, v: Tensor, jac: Tensor | None = None, amx: bool = True,
+             isa: str | None = None) -> tuple[Tensor, Tensor]:
     """Object map ``sum over heads and steps of sigmoid(scale_r * codes_r . v_h)`` and its Jacobian in v.
 
     Args:
@@ -320,6 +359,8 @@ def int8_map(packed: Packed, v: Tensor, jac: Tensor | None = None, amx: bool = T
             allocation every epoch).
         amx: run the products on AMX tiles where :func:`amx` says they can (the same integers as the
             AVX-512 path; ``False`` forces that path).
+        isa: the kernel path, one of :data:`ISAS` (None: the default, see :func:`isa`); the results are the
+            same bit for bit.
 
     Returns:
         The float32 map ``(n,)`` and its Jacobian ``d map[p] / d v[h]`` as float16 ``(n, heads, d16)`` in
@@ -334,12 +375,12 @@ def int8_map(packed: Packed, v: Tensor, jac: Tensor | None = None, amx: bool = T
         ...     want = torch.full((16, 1, 16), 2 * 0.25 * 0.5)                          # x sigmoid'(0) x scale
         ...     assert torch.allclose(jac.float() * p.jac_unit, want, rtol=1e-3)  # float16 storage
     """
-    maps, jacs = int8_maps([packed], [v], None if jac is None else [jac], amx)
+    maps, jacs = int8_maps([packed], [v], None if jac is None else [jac], amx, isa)
     return maps[0], jacs[0]
 
 
 def int8_maps(packed: list[Packed], vs: list[Tensor], jacs: list[Tensor] | None = None,
-              amx: bool = True) -> tuple[list[Tensor], list[Tensor]]:
+              amx: bool = True, isa: str | None = None) -> tuple[list[Tensor], list[Tensor]]:
     """:func:`int8_map` of several layers in one dispatch of the kernel threads (each thread takes its share
     of every layer, so they meet once, not once per layer).
 
@@ -349,10 +390,11 @@ def int8_maps(packed: list[Packed], vs: list[Tensor], jacs: list[Tensor] | None 
         ...     (m1, m2), _ = int8_maps([p, p], [torch.zeros(1, 16), torch.zeros(1, 16)])
         ...     assert torch.equal(m1, m2) and torch.allclose(m1, torch.full((16,), 0.5))
     """
-    lib = _library()
+    lib = _library(isa)
     if lib is None:
-        raise RuntimeError("opendaam's native kernels are not available here (no C compiler, no AVX-512 VNNI, "
-                           "or OPENDAAM_NATIVE=0)")
+        raise RuntimeError(f"opendaam's native kernels{'' if isa is None else ' (' + isa + ')'} are not available "
+                           "here (no C compiler, a CPU without AVX2/FMA/F16C or, for avx512, without AVX-512 "
+                           "VNNI, or OPENDAAM_NATIVE=0)")
     if len(vs) != len(packed) or (jacs is not None and len(jacs) != len(packed)):
         raise ValueError(f"{len(packed)} layers need as many vectors (got {len(vs)}) and Jacobian buffers")
     for i, (p, v) in enumerate(zip(packed, vs, strict=True)):
@@ -367,7 +409,7 @@ def int8_maps(packed: list[Packed], vs: list[Tensor], jacs: list[Tensor] | None 
     return _maps(lib, packed, vs, torch.get_num_threads(), jacs, amx)
 
 
-def jac_grads(packed: list[Packed], jacs: list[Tensor], gs: list[Tensor]) -> list[Tensor]:
+def jac_grads(packed: list[Packed], jacs: list[Tensor], gs: list[Tensor], isa: str | None = None) -> list[Tensor]:
     """Gradients ``(heads, d16)`` in the layers' vectors of a loss with ``gs[l] = d loss / d map_l``, from the
     Jacobians :func:`int8_maps` returned, in one dispatch of the kernel threads.
 
@@ -378,7 +420,7 @@ def jac_grads(packed: list[Packed], jacs: list[Tensor], gs: list[Tensor]) -> lis
         ...     (grad,) = jac_grads([p], [jac], [torch.ones(16)])
         ...     assert torch.allclose(grad, torch.full((1, 16), 16 * 0.25), rtol=1e-3)  # 16 x sigmoid'(0)
     """
-    lib = _library()
+    lib = _library(isa)
     if lib is None:
         raise RuntimeError("opendaam's native kernels are not available here")
     for p, jac, g in zip(packed, jacs, gs, strict=True):
