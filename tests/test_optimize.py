@@ -85,6 +85,17 @@ def _cpu() -> tuple[str, set[str]]:
     return model, flags
 
 
+def _random_layer(shape, seed, v_scale):
+    """A random int8 query cache (codes, fp16 scales) and key difference v for ``shape`` = (heads, steps,
+    pixels, d), with the generator to draw more from."""
+    heads, steps, n, d = shape
+    gen = torch.Generator().manual_seed(seed)
+    codes = torch.randint(-127, 128, (heads, steps * n, d), generator=gen, dtype=torch.int8)  # (H, R, d)
+    scales = (torch.rand(heads, steps * n, generator=gen) * 0.03).half()  # (H, R)
+    v = torch.randn(heads, d, generator=gen) * v_scale  # (H, d)
+    return gen, codes, scales, v
+
+
 def _native_expected(path: str | None = None) -> bool:
     """This machine can build the native kernels' ``path`` (None: either): x86-64 with its flags and a C
     compiler."""
@@ -243,10 +254,7 @@ def test_native_kernels_match_float64_reference(shape, threads, isa):
         pytest.skip(_no_native_reason(isa))
     assert _kernels.available(isa)  # where it can build, the suite must exercise this path
     heads, steps, n, d = shape
-    gen = torch.Generator().manual_seed(sum(shape))
-    codes = torch.randint(-127, 128, (heads, steps * n, d), generator=gen, dtype=torch.int8)
-    scales = (torch.rand(heads, steps * n, generator=gen) * 0.03).half()
-    v = torch.randn(heads, d, generator=gen)
+    gen, codes, scales, v = _random_layer(shape, sum(shape), 1.0)
     g = torch.randn(n, generator=gen)
     s = torch.einsum("hrd,hd->hr", codes.double(), v.double()) * scales.double()  # (H, R)
     p = torch.sigmoid(s)
@@ -297,10 +305,7 @@ def test_native_avx2_and_avx512_paths_are_bit_identical(shape, threads):
         if not _native_expected(isa):
             pytest.skip(_no_native_reason(isa))
     heads, steps, n, d = shape
-    gen = torch.Generator().manual_seed(11 + sum(shape))
-    codes = torch.randint(-127, 128, (heads, steps * n, d), generator=gen, dtype=torch.int8)
-    scales = (torch.rand(heads, steps * n, generator=gen) * 0.03).half()
-    v = torch.randn(heads, d, generator=gen) * 3
+    gen, codes, scales, v = _random_layer(shape, 11 + sum(shape), 3)
     g = torch.randn(n, generator=gen)
     packed = _kernels.pack(codes, scales, steps, n)
     old = torch.get_num_threads()
@@ -330,10 +335,7 @@ def test_native_amx_and_vnni_paths_give_the_same_integers(shape):
         pytest.skip("no AMX on this CPU")
     assert _kernels.amx()  # where the CPU has it, the suite must exercise the tile path
     heads, steps, n, d = shape
-    gen = torch.Generator().manual_seed(7 + sum(shape))
-    codes = torch.randint(-127, 128, (heads, steps * n, d), generator=gen, dtype=torch.int8)
-    scales = (torch.rand(heads, steps * n, generator=gen) * 0.03).half()
-    v = torch.randn(heads, d, generator=gen) * 3
+    _, codes, scales, v = _random_layer(shape, 7 + sum(shape), 3)
     packed = _kernels.pack(codes, scales, steps, n)
     tiles, vnni = _kernels.int8_map(packed, v, amx=True), _kernels.int8_map(packed, v, amx=False)
     assert torch.equal(tiles[0], vnni[0]) and torch.equal(tiles[1], vnni[1])

@@ -35,6 +35,24 @@
 #endif
 #define INLINE static inline __attribute__((always_inline))
 #define SCHUNK 64 /* steps whose weights are kept on the stack at once (more steps: the Jacobian is re-read) */
+/* 2^f on [-0.5, 0.5], degree-6 polynomial, highest power first (relative error ~1e-7): one table for both
+ * paths, which must run the same operations to agree bit for bit */
+static const float EXP2_POLY[7] = {1.5403530393381606e-4f, 1.3333558146428443e-3f, 9.6181291076284772e-3f,
+                                   5.5504108664821580e-2f, 2.4022650695910071e-1f, 6.9314718055994531e-1f, 1.f};
+
+/* v (d floats) to int16 within +-32512, rounded half away from zero; returns the unit (v ~ unit * vq). AMX
+ * multiplies int8 by int8, so v = 256 hi + lo with int8 parts stops at 127 * 256; every path uses this one
+ * quantization, so that all compute the same integers. */
+INLINE float quantize_v(const float *v, int64_t d, int16_t *vq) {
+    float amax = 0.f;
+    for (int64_t k = 0; k < d; k++) amax = v[k] > amax ? v[k] : (-v[k] > amax ? -v[k] : amax);
+    float unit = amax > 0.f ? amax / 32512.f : 1.f;
+    for (int64_t k = 0; k < d; k++) {
+        float x = v[k] / unit;
+        vq[k] = (int16_t)(x >= 0.f ? (int)(x + 0.5f) : -(int)(-x + 0.5f));
+    }
+    return unit;
+}
 
 #if OV_ISA == 256
 /* The portable path: the same computation in 256-bit registers, 8 lanes where AVX-512 has 16. */
@@ -62,13 +80,8 @@ INLINE __m256 sigmoid8(__m256 s) {
     y = _mm256_max_ps(_mm256_min_ps(y, _mm256_set1_ps(126.f)), _mm256_set1_ps(-126.f));
     __m256 n = _mm256_round_ps(y, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
     __m256 f = _mm256_sub_ps(y, n);  /* in [-0.5, 0.5] */
-    __m256 p = _mm256_set1_ps(1.5403530393381606e-4f);
-    p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(1.3333558146428443e-3f));
-    p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(9.6181291076284772e-3f));
-    p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(5.5504108664821580e-2f));
-    p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(2.4022650695910071e-1f));
-    p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(6.9314718055994531e-1f));
-    p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(1.f));
+    __m256 p = _mm256_set1_ps(EXP2_POLY[0]);
+    for (int k = 1; k < 7; k++) p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(EXP2_POLY[k]));
     __m256i bits = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
     __m256 e = _mm256_mul_ps(p, _mm256_castsi256_ps(bits));  /* exp(-s) */
     return _mm256_div_ps(_mm256_set1_ps(1.f), _mm256_add_ps(_mm256_set1_ps(1.f), e));
@@ -104,14 +117,8 @@ INLINE void map_jac_head(const int8_t *codes, const uint16_t *scales, const floa
                          int amx) {
     (void)amx;
     int64_t d = 16 * (int64_t)nc;
-    float amax = 0.f;
-    for (int64_t k = 0; k < d; k++) amax = v[k] > amax ? v[k] : (-v[k] > amax ? -v[k] : amax);
-    float unit = amax > 0.f ? amax / 32512.f : 1.f;  /* the AVX-512 path's unit: the same integers */
     int16_t vq[128];
-    for (int64_t k = 0; k < d; k++) {
-        float x = v[k] / unit;
-        vq[k] = (int16_t)(x >= 0.f ? (int)(x + 0.5f) : -(int)(-x + 0.5f));
-    }
+    float unit = quantize_v(v, d, vq);
     __m256i vv[8];
     for (int j = 0; j < nc; j++) vv[j] = _mm256_loadu_si256((const __m256i *)(vq + 16 * j));
     __m256 vunit = _mm256_set1_ps(unit), one = _mm256_set1_ps(1.f);
@@ -186,23 +193,15 @@ INLINE void map_jac_head(const int8_t *codes, const uint16_t *scales, const floa
     }
 }
 
-/* out[c] = sum over rows [r0, r1) of g[r] jac[r, c] for a float16 (rows, cols) matrix, cols a multiple of 16
- * (out is written, not added to): the gradient of the map's loss from its Jacobian. */
-int ov_jac_vm(const uint16_t *jac, const float *g, int64_t r0, int64_t r1, int64_t cols, float *out) {
-    if (cols % 16) return -1;
-    for (int64_t c0 = 0; c0 < cols; c0 += 96) {  /* 12 accumulators of 8 columns stay in registers */
-        int nb = (int)((cols - c0) / 8 < 12 ? (cols - c0) / 8 : 12);
-        __m256 acc[12];
-        for (int k = 0; k < 12; k++) acc[k] = _mm256_setzero_ps();
-        for (int64_t r = r0; r < r1; r++) {
-            __m256 gv = _mm256_set1_ps(g[r]);
-            const uint16_t *p = jac + r * cols + c0;
-            for (int k = 0; k < nb; k++) acc[k] = _mm256_fmadd_ps(load_half8(p + 8 * k), gv, acc[k]);
-        }
-        for (int k = 0; k < nb; k++) _mm256_storeu_ps(out + c0 + 8 * k, acc[k]);
-    }
-    return 0;
-}
+/* the vector operations that ov_jac_vm uses, at this path's width: 12 accumulators of 8 floats */
+#define VF __m256
+#define VLANES 8
+#define VACC 12
+#define VZERO _mm256_setzero_ps
+#define VSET1 _mm256_set1_ps
+#define VFMADD _mm256_fmadd_ps
+#define VLOADH load_half8
+#define VSTORE _mm256_storeu_ps
 #else
 #ifdef OV_AMX
 #include <sys/syscall.h>
@@ -252,19 +251,14 @@ INLINE __m512i row_dot(const int8_t *c, const __m512i *v32, __m256i v16, int nc)
     return a;
 }
 
-/* sigmoid of 16 floats: exp through 2^x = 2^n * p(f), degree-6 polynomial (relative error ~1e-7) */
+/* sigmoid of 16 floats: exp through 2^x = 2^n * EXP2_POLY(f) */
 INLINE __m512 sigmoid16(__m512 s) {
     __m512 y = _mm512_mul_ps(s, _mm512_set1_ps(-1.4426950408889634f));  /* -s * log2(e) */
     y = _mm512_max_ps(_mm512_min_ps(y, _mm512_set1_ps(126.f)), _mm512_set1_ps(-126.f));
     __m512 n = _mm512_roundscale_ps(y, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
     __m512 f = _mm512_sub_ps(y, n);  /* in [-0.5, 0.5] */
-    __m512 p = _mm512_set1_ps(1.5403530393381606e-4f);
-    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.3333558146428443e-3f));
-    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(9.6181291076284772e-3f));
-    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(5.5504108664821580e-2f));
-    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(2.4022650695910071e-1f));
-    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(6.9314718055994531e-1f));
-    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.f));
+    __m512 p = _mm512_set1_ps(EXP2_POLY[0]);
+    for (int k = 1; k < 7; k++) p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(EXP2_POLY[k]));
     __m512 e = _mm512_scalef_ps(p, n);  /* exp(-s) */
     /* a division, not rcp14 + Newton: AVX2 has no 14-bit estimate, and the paths must agree bit for bit */
     return _mm512_div_ps(_mm512_set1_ps(1.f), _mm512_add_ps(_mm512_set1_ps(1.f), e));
@@ -283,16 +277,8 @@ INLINE void map_jac_head(const int8_t *codes, const uint16_t *scales, const floa
                          int nc, int64_t b0, int64_t b1, float *map, uint16_t *jac, int64_t jstride, float jinv,
                          int amx) {
     int64_t d = 16 * (int64_t)nc;
-    float amax = 0.f;
-    for (int64_t k = 0; k < d; k++) amax = v[k] > amax ? v[k] : (-v[k] > amax ? -v[k] : amax);
-    /* AMX multiplies int8 by int8: v = 256 hi + lo with int8 parts, so its 16 bits stop at 127 * 256 (the
-     * VNNI path uses the same unit, so that both paths compute the same integers) */
-    float unit = amax > 0.f ? amax / 32512.f : 1.f;
     int16_t vq[128];
-    for (int64_t k = 0; k < d; k++) {
-        float x = v[k] / unit;
-        vq[k] = (int16_t)(x >= 0.f ? (int)(x + 0.5f) : -(int)(-x + 0.5f));
-    }
+    float unit = quantize_v(v, d, vq);
     __m512i v32[4];
     for (int j = 0; j + 2 <= nc; j += 2) v32[j / 2] = _mm512_loadu_si512((const void *)(vq + 16 * j));
     __m256i v16 = nc % 2 ? _mm256_loadu_si256((const __m256i *)(vq + 16 * (nc - 1))) : _mm256_setzero_si256();
@@ -413,24 +399,35 @@ INLINE void map_jac_head(const int8_t *codes, const uint16_t *scales, const floa
     }
 }
 
+/* the vector operations that ov_jac_vm uses, at this path's width: 24 accumulators of 16 floats */
+#define VF __m512
+#define VLANES 16
+#define VACC 24
+#define VZERO _mm512_setzero_ps
+#define VSET1 _mm512_set1_ps
+#define VFMADD _mm512_fmadd_ps
+#define VLOADH load_half
+#define VSTORE _mm512_storeu_ps
+#endif /* OV_ISA */
+
 /* out[c] = sum over rows [r0, r1) of g[r] jac[r, c] for a float16 (rows, cols) matrix, cols a multiple of 16
- * (out is written, not added to): the gradient of the map's loss from its Jacobian. */
+ * (out is written, not added to): the gradient of the map's loss from its Jacobian. Each column's sum runs
+ * over the rows in order with one FMA each, so both widths give the same floats. */
 int ov_jac_vm(const uint16_t *jac, const float *g, int64_t r0, int64_t r1, int64_t cols, float *out) {
     if (cols % 16) return -1;
-    for (int64_t c0 = 0; c0 < cols; c0 += 384) {  /* 24 accumulators of 16 columns stay in registers */
-        int nb = (int)((cols - c0) / 16 < 24 ? (cols - c0) / 16 : 24);
-        __m512 acc[24];
-        for (int k = 0; k < 24; k++) acc[k] = _mm512_setzero_ps();
+    for (int64_t c0 = 0; c0 < cols; c0 += VACC * VLANES) {  /* the accumulators stay in registers */
+        int nb = (int)((cols - c0) / VLANES < VACC ? (cols - c0) / VLANES : VACC);
+        VF acc[VACC];
+        for (int k = 0; k < VACC; k++) acc[k] = VZERO();
         for (int64_t r = r0; r < r1; r++) {
-            __m512 gv = _mm512_set1_ps(g[r]);
+            VF gv = VSET1(g[r]);
             const uint16_t *p = jac + r * cols + c0;
-            for (int k = 0; k < nb; k++) acc[k] = _mm512_fmadd_ps(load_half(p + 16 * k), gv, acc[k]);
+            for (int k = 0; k < nb; k++) acc[k] = VFMADD(VLOADH(p + VLANES * k), gv, acc[k]);
         }
-        for (int k = 0; k < nb; k++) _mm512_storeu_ps(out + c0 + 16 * k, acc[k]);
+        for (int k = 0; k < nb; k++) VSTORE(out + c0 + VLANES * k, acc[k]);
     }
     return 0;
 }
-#endif /* OV_ISA */
 
 #define DISPATCH(CALL)                                                                                    \
     switch (nc) {                                                                                         \
