@@ -184,3 +184,37 @@ def test_class_confusion_matches_sklearn():
     assert counts.sum(1).tolist() == [int(keep.sum())] * 4
     with pytest.raises(ValueError, match="outside 0..3"):
         class_confusion(torch.tensor([4]), torch.tensor([0]), 4)
+
+
+def test_augment_hook_sees_each_batch_and_what_it_returns_is_trained_on():
+    """``augment`` gets every batch after the flips with its shapes; returning the batch unchanged trains the
+    same weights as no hook, and what it returns is what is trained on (black images equal a black set)."""
+    from opendaam.segmenter import train_segmenter
+
+    cfg = SegmenterConfig(classes=("car",), hidden_sizes=(8, 16, 32, 64), decoder_size=16, train_steps=3, batch=4,
+                          seed=3)
+    rng = np.random.default_rng(0)
+    images = rng.integers(0, 256, (5, 32, 32, 3), dtype=np.uint8)
+    labels = rng.integers(0, 2, (5, 32, 32), dtype=np.uint8)
+    seen = []
+
+    def identity(x, y, generator):
+        assert isinstance(generator, torch.Generator)
+        seen.append((tuple(x.shape), tuple(y.shape), float(x.min()) >= -1.0 and float(x.max()) <= 1.0))
+        return x, y
+
+    torch.manual_seed(0)
+    plain = train_segmenter([(images, labels)], cfg)
+    torch.manual_seed(0)
+    hooked = train_segmenter([(images, labels)], cfg, augment=identity)
+    assert seen == [((4, 3, 32, 32), (4, 32, 32), True)] * 3
+    for a, b in zip(plain.state_dict().values(), hooked.state_dict().values(), strict=True):
+        assert torch.equal(a, b)
+    torch.manual_seed(0)
+    black = train_segmenter([(np.zeros_like(images), labels)], cfg)  # uint8 0 is -1 at the model's input
+    torch.manual_seed(0)
+    blacked = train_segmenter([(images, labels)], cfg, augment=lambda x, y, g: (torch.full_like(x, -1.0), y))
+    for a, b in zip(black.state_dict().values(), blacked.state_dict().values(), strict=True):
+        assert torch.equal(a, b)
+    assert any(not torch.equal(a, c) for a, c in zip(black.state_dict().values(), plain.state_dict().values(),
+                                                         strict=True))

@@ -383,7 +383,8 @@ def _pixels(images: np.ndarray) -> Tensor:
 
 
 def train_segmenter(sets: Sequence[tuple[np.ndarray, np.ndarray]], config: SegmenterConfig,
-                    progress: Callable[[int, float], None] | None = None):
+                    progress: Callable[[int, float], None] | None = None,
+                    augment: Callable[[Tensor, Tensor, torch.Generator], tuple[Tensor, Tensor]] | None = None):
     """Train :func:`segformer` on one or more ``(images, labels)`` sets for ``config.train_steps`` steps.
 
     With two sets every batch draws half its images from each (a small real set is not drowned by a large
@@ -394,6 +395,9 @@ def train_segmenter(sets: Sequence[tuple[np.ndarray, np.ndarray]], config: Segme
         sets: ``(images (N, H, W, 3) uint8, labels (N, H, W) uint8)`` per set.
         config: sizes and budget.
         progress: called with ``(step, loss)`` after every step.
+        augment: called on every batch after the flips as ``augment(x, y, generator)`` with images
+            ``(batch, 3, H, W)`` in [-1, 1] and labels ``(batch, H, W)`` (255: ignore); returns the pair to
+            train on. Draw randomness from ``generator`` to keep runs deterministic.
 
     Returns:
         The trained model (eval mode).
@@ -420,6 +424,8 @@ def train_segmenter(sets: Sequence[tuple[np.ndarray, np.ndarray]], config: Segme
         x, y = torch.cat(xs), torch.cat(ys)  # (batch, 3, H, W), (batch, H, W)
         flip = torch.rand(len(x), generator=generator) < 0.5
         x[flip], y[flip] = x[flip].flip(-1), y[flip].flip(-1)
+        if augment is not None:
+            x, y = augment(x, y, generator)
         loss = model(pixel_values=x, labels=y).loss
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
