@@ -5,33 +5,59 @@ labels, held-out scenes, budget and seed; only ``train_segmenter``'s ``augment``
 
 * ``none``: the run's training (left-right flips only), which must repeat the run's scores;
 * ``scale``: each image zoomed by a factor in [0.6, 1.2] (zoom out: a mean-colour border labelled ignore), since
-  the generated objects are larger in the frame than the rendered ones;
+  the generated objects are larger in the frame than the rendered ones (labelled area of the main object, median
+  per class: 15-25% against 9-17%);
 * ``sharp``: unsharp masking or blur, amount in [-1, 2] (the generated images are the VAE's soft renderings);
-* ``color``: per-channel gain and a brightness shift of up to +-20%.
+* ``color``: per-channel gain and a brightness shift of up to +-20%;
+* ``mosaic``: half of the images replaced by a 2 x 2 mosaic of four batch images at half size, which shrinks
+  objects to a quarter of their area without an ignored border.
+
+``--negatives K`` adds K look-alike images per look-alike class (bus, truck, traffic sign), all background in
+this label space: rendered scenes with their exact labels to the real set; images generated from the thesis'
+template to the synthetic set, labelled background as each synthetic image's other content is (also in the
+mixed arm, whose few real scenes stay as they are). The held-out scenes show look-alikes (30%), the run's
+training sets none. Their seeds start at ``real_seed0 + 500_000`` and ``synthetic_seed0 + 500_000``, away from
+every range the run checks.
 
 Results are written after every arm (atomically), and a rerun skips what is there.
 
 Usage::
 
     python tools/segmenter_augment.py RUN --out docs/results/segmenter/augment.json
+    python tools/segmenter_augment.py RUN --out docs/results/segmenter/augment.json --modes none --negatives 16
+    python tools/segmenter_augment.py RUN --out docs/results/segmenter/augment.json --modes none --seed 1
+
+``--seed`` retrains with other weights and batch order: the spread it shows is the noise any row differs by.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import platform
 import time
+from dataclasses import replace
 from pathlib import Path
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
 from opendaam._io import atomic_write_with
-from opendaam.models import set_threads
-from opendaam.segmenter import SegmenterConfig, evaluate_segmenter, load_export, train_segmenter
+from opendaam.models import generation_defaults, load_pipeline, set_threads
+from opendaam.segmenter import (
+    SegmenterConfig,
+    check_seeds,
+    evaluate_segmenter,
+    load_export,
+    real_labels,
+    train_segmenter,
+)
+from opendaam.toyworld import LOOKALIKE_CLASSES
+from opendaam.toyworld.scene import render_scene
 
-MODES = ("none", "scale", "sharp", "color")
+MODES = ("none", "scale", "sharp", "color", "mosaic")
 ARMS = ("real_only", "synthetic_only/tokens", "few_real_plus_synthetic/tokens")
 
 
@@ -67,6 +93,25 @@ def _scale(x: Tensor, y: Tensor, g: torch.Generator) -> tuple[Tensor, Tensor]:
     return x, y
 
 
+def _mosaic(x: Tensor, y: Tensor, g: torch.Generator) -> tuple[Tensor, Tensor]:
+    x, y = x.clone(), y.clone()
+    n, _, height, width = x.shape
+    h, w = height // 2, width // 2
+    small_x = F.interpolate(x, size=(h, w), mode="area")  # (N, 3, H/2, W/2)
+    small_y = y[:, : 2 * h : 2, : 2 * w : 2]  # (N, H/2, W/2), nearest: labels are not averaged
+    for i in range(n):
+        if float(torch.rand((), generator=g)) >= 0.5:
+            continue
+        picks = torch.randint(n, (4,), generator=g).tolist()
+        for k, j in enumerate(picks):
+            top, left = (k // 2) * h, (k % 2) * w
+            x[i, :, top : top + h, left : left + w] = small_x[j]
+            y[i, top : top + h, left : left + w] = small_y[j]
+        y[i, 2 * h :, :] = 255  # odd sizes: the uncovered last row / column is ignored
+        y[i, :, 2 * w :] = 255
+    return x, y
+
+
 def augmentation(mode: str):
     """The ``augment`` hook of ``train_segmenter`` for ``mode`` (``None`` for ``none``)."""
     if mode == "none":
@@ -84,7 +129,45 @@ def augmentation(mode: str):
             shift = (torch.rand(len(x), 1, 1, 1, generator=g) - 0.5) * 0.4
             return (x * gain + shift).clamp(-1, 1), y
         return color
+    if mode == "mosaic":
+        return _mosaic
     raise ValueError(f"unknown augmentation {mode!r}; choose from {', '.join(MODES)}")
+
+
+def _cpu() -> str:
+    """The CPU's model name: scores differ slightly between CPUs (their float kernels differ)."""
+    info = Path("/proc/cpuinfo")
+    lines = info.read_text().splitlines() if info.exists() else []
+    return next((line.split(":", 1)[1].strip() for line in lines if line.startswith("model name")),
+                platform.processor())
+
+
+NEGATIVE_OFFSET = 500_000
+
+
+Pair = tuple[np.ndarray, np.ndarray]  # (images (N, H, W, 3) uint8, labels (N, H, W) uint8)
+
+
+def negatives(config: SegmenterConfig, per_class: int) -> tuple[Pair, Pair]:
+    """Rendered and generated look-alike images, ``(images (K, H, W, 3) uint8, labels (K, H, W) uint8)`` each."""
+    ranges = check_seeds(config)
+    real_seeds = [config.real_seed0 + NEGATIVE_OFFSET + i for i in range(per_class * len(LOOKALIKE_CLASSES))]
+    synthetic_seeds = [config.synthetic_seed0 + NEGATIVE_OFFSET + i for i in range(len(real_seeds))]
+    for seed in real_seeds + synthetic_seeds:  # the run's own ranges and the models' seen scenes stay untouched
+        hit = [name for name, (start, stop) in ranges.items() if start <= seed < stop]
+        if hit:
+            raise SystemExit(f"negative seed {seed} falls in {hit[0]}: change NEGATIVE_OFFSET")
+    forced = [cls for cls in LOOKALIKE_CLASSES for _ in range(per_class)]
+    scenes = [render_scene(seed, cls=cls) for seed, cls in zip(real_seeds, forced, strict=True)]
+    real = (np.stack([np.asarray(s.image) for s in scenes]),  # (K, H, W, 3)
+            np.stack([real_labels(s.labels, config.classes) for s in scenes]))  # (K, H, W)
+    pipe = load_pipeline(config.model)
+    kwargs = generation_defaults(pipe, num_inference_steps=config.steps, guidance_scale=config.guidance)
+    images = [np.asarray(pipe(config.template.replace("{}", cls), generator=torch.Generator().manual_seed(seed),
+                              **kwargs).images[0].convert("RGB"))
+              for seed, cls in zip(synthetic_seeds, forced, strict=True)]
+    synthetic = (np.stack(images), np.zeros((len(images), *images[0].shape[:2]), dtype=np.uint8))
+    return real, synthetic
 
 
 def main() -> None:
@@ -93,26 +176,41 @@ def main() -> None:
     parser.add_argument("--modes", nargs="+", default=list(MODES), choices=MODES)
     parser.add_argument("--arms", nargs="+", default=list(ARMS), choices=ARMS)
     parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument("--negatives", type=int, default=0, metavar="K",
+                        help="look-alike images per look-alike class added to every training set (0: none)")
+    parser.add_argument("--seed", type=int, default=None,
+                        help="weights and batch order of every arm (default: the run's); shows seed-to-seed spread")
     args = parser.parse_args()
+    if args.negatives < 0:
+        raise SystemExit(f"--negatives must be >= 0, not {args.negatives}")
     summary_path = args.run / "summary.json"
     if not summary_path.is_file():
         raise SystemExit(f"{summary_path} not found: pass the folder of a finished segmenter run")
     summary = json.loads(summary_path.read_text())
     config = SegmenterConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in summary["config"].items()})
+    if args.seed is not None and args.seed != config.seed:
+        config, suffix = replace(config, seed=args.seed), f"@seed{args.seed}"
+    else:
+        suffix = ""
     set_threads(config.threads or 2)
     cache = args.run / "cache"
     real = load_export(args.run / "real" / "train" / "huggingface", cache)
     test = load_export(args.run / "real" / "test" / "huggingface", cache)
     tokens = load_export(args.run / "synthetic" / "tokens" / "huggingface", cache)
     few = tuple(part[: config.few_real] for part in real)
+    if args.negatives:
+        (real_neg, synthetic_neg), suffix = negatives(config, args.negatives), f"+neg{args.negatives}{suffix}"
+        real, tokens = (tuple(np.concatenate(pair) for pair in zip(part, neg, strict=True))
+                        for part, neg in ((real, real_neg), (tokens, synthetic_neg)))
     sets = {"real_only": [real], "synthetic_only/tokens": [tokens], "few_real_plus_synthetic/tokens": [few, tokens]}
     result = json.loads(args.out.read_text()) if args.out.is_file() else {"run": str(args.run), "scores": {}}
+    result.setdefault("machine", {"cpu": _cpu(), "torch": torch.__version__, "threads": torch.get_num_threads()})
     miou = summary["miou"]
     result["run_miou"] = {"real_only": miou["real_only"], "synthetic_only/tokens": miou["synthetic_only"]["tokens"],
                           "few_real_plus_synthetic/tokens": miou["few_real_plus_synthetic"]["tokens"]}
     for mode in args.modes:
         for arm in args.arms:
-            key = f"{mode}:{arm}"
+            key = f"{mode}{suffix}:{arm}"
             if key in result["scores"]:
                 continue
             start = time.perf_counter()
@@ -122,6 +220,7 @@ def main() -> None:
                                      "seconds": round(time.perf_counter() - start, 1)}
             print(key, score["miou"], flush=True)
             atomic_write_with(args.out, lambda p: p.write_text(json.dumps(result, indent=1)))
+    atomic_write_with(args.out, lambda p: p.write_text(json.dumps(result, indent=1)))
     real_only = {m: result["scores"].get(f"{m}:real_only", {}).get("miou") for m in MODES}
     for mode in MODES:
         synth = result["scores"].get(f"{mode}:synthetic_only/tokens", {}).get("miou")
