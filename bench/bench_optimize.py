@@ -43,7 +43,7 @@ from datetime import datetime, timezone
 
 import torch
 import torch.nn.functional as F
-from _common import add_run  # bench/ is on sys.path when run as a script
+from _common import add_run, cpu_model  # bench/ is on sys.path when run as a script
 
 from opendaam.models import ARCHITECTURES, cross_attention_layers, set_threads
 from opendaam.optimize import optimize_token
@@ -166,16 +166,6 @@ def time_opendaam(records, pipe, method: str, epochs: int, mask, **options) -> f
     return statistics.median(b - a for a, b in zip(stamps, stamps[1:], strict=False)) / len(records)
 
 
-def _cpu_model() -> str:
-    """The CPU's model name (Linux), else the machine type."""
-    try:
-        with open("/proc/cpuinfo") as f:
-            return next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")),
-                        platform.machine())
-    except OSError:
-        return platform.machine()
-
-
 def planted(methods: tuple[str, ...] = ("linear", "open_vocab"), seeds: int = 3, **options) -> dict:
     """Max-over-thresholds IoU of tokens optimized on planted masks (see the module's docstring)."""
     import opendaam
@@ -286,7 +276,7 @@ def main() -> None:
                      "generation is what an accelerator speeds up: see bench_tracing.py); use --device cpu")
     set_threads(args.threads)
     if args.planted:
-        result = {"date": datetime.now(timezone.utc).isoformat(timespec="seconds"), "cpu": _cpu_model(),
+        result = {"date": datetime.now(timezone.utc).isoformat(timespec="seconds"), "cpu": cpu_model(),
                   "threads": args.threads, "torch": torch.__version__,
                   **planted(tuple(args.methods), **json.loads(args.options))}
         add_run(args.out, f"planted_{result['date'][:16]}", result)  # one file per benchmark: runs kept by name

@@ -34,7 +34,7 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
+import sys
 import time
 from dataclasses import replace
 from pathlib import Path
@@ -56,6 +56,9 @@ from opendaam.segmenter import (
 )
 from opendaam.toyworld import LOOKALIKE_CLASSES
 from opendaam.toyworld.scene import render_scene
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
+from _common import cpu_model  # noqa: E402  (the measurement scripts' one CPU name: scores differ between CPUs)
 
 MODES = ("none", "scale", "sharp", "color", "mosaic")
 ARMS = ("real_only", "synthetic_only/tokens", "few_real_plus_synthetic/tokens")
@@ -134,14 +137,6 @@ def augmentation(mode: str):
     raise ValueError(f"unknown augmentation {mode!r}; choose from {', '.join(MODES)}")
 
 
-def _cpu() -> str:
-    """The CPU's model name: scores differ slightly between CPUs (their float kernels differ)."""
-    info = Path("/proc/cpuinfo")
-    lines = info.read_text().splitlines() if info.exists() else []
-    return next((line.split(":", 1)[1].strip() for line in lines if line.startswith("model name")),
-                platform.processor())
-
-
 NEGATIVE_OFFSET = 500_000
 
 
@@ -177,7 +172,8 @@ def main() -> None:
     parser.add_argument("--arms", nargs="+", default=list(ARMS), choices=ARMS)
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--negatives", type=int, default=0, metavar="K",
-                        help="look-alike images per look-alike class added to every training set (0: none)")
+                        help="look-alike images per look-alike class added to the real and the synthetic set "
+                             "(not to the few real scenes; 0: none)")
     parser.add_argument("--seed", type=int, default=None,
                         help="weights and batch order of every arm (default: the run's); shows seed-to-seed spread")
     args = parser.parse_args()
@@ -204,7 +200,10 @@ def main() -> None:
                         for part, neg in ((real, real_neg), (tokens, synthetic_neg)))
     sets = {"real_only": [real], "synthetic_only/tokens": [tokens], "few_real_plus_synthetic/tokens": [few, tokens]}
     result = json.loads(args.out.read_text()) if args.out.is_file() else {"run": str(args.run), "scores": {}}
-    result.setdefault("machine", {"cpu": _cpu(), "torch": torch.__version__, "threads": torch.get_num_threads()})
+    result.setdefault("machine", {"cpu": cpu_model(), "torch": torch.__version__, "threads": torch.get_num_threads()})
+    def save() -> None:  # after every arm, atomically: a rerun skips what is written
+        atomic_write_with(args.out, lambda p: p.write_text(json.dumps(result, indent=1)))
+
     miou = summary["miou"]
     result["run_miou"] = {"real_only": miou["real_only"], "synthetic_only/tokens": miou["synthetic_only"]["tokens"],
                           "few_real_plus_synthetic/tokens": miou["few_real_plus_synthetic"]["tokens"]}
@@ -219,8 +218,8 @@ def main() -> None:
             result["scores"][key] = {"miou": score["miou"], "iou": score["iou"],
                                      "seconds": round(time.perf_counter() - start, 1)}
             print(key, score["miou"], flush=True)
-            atomic_write_with(args.out, lambda p: p.write_text(json.dumps(result, indent=1)))
-    atomic_write_with(args.out, lambda p: p.write_text(json.dumps(result, indent=1)))
+            save()
+    save()
     real_only = {m: result["scores"].get(f"{m}:real_only", {}).get("miou") for m in MODES}
     for mode in MODES:
         synth = result["scores"].get(f"{mode}:synthetic_only/tokens", {}).get("miou")
